@@ -1,0 +1,34 @@
+"""ASGI entry point: HTTP to Django (and, with no provider configured, /_sim to the simulated
+upstream, served by this same process); WebSockets to the staff-only live usage consumer."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+django_application = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter  # noqa: E402  (after Django is set up)
+
+from streaming import simulator, upstream  # noqa: E402
+
+
+async def http_application(scope, receive, send):
+    if upstream.uses_simulator() and scope["path"].startswith(upstream.SIMULATOR_PREFIX + "/"):
+        scope = dict(scope, root_path=scope.get("root_path", "") + upstream.SIMULATOR_PREFIX)
+        return await simulator.application(scope, receive, send)
+    return await django_application(scope, receive, send)
+
+
+def _websocket_application():
+    try:
+        from quotas.routing import websocket_application
+    except ImportError:  # the live panel is optional
+        return None
+    return websocket_application
+
+
+routes = {"http": http_application}
+if (ws := _websocket_application()) is not None:
+    routes["websocket"] = ws
+application = ProtocolTypeRouter(routes)

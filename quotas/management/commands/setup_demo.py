@@ -1,0 +1,33 @@
+import secrets
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from quotas.models import ApiKey, Plan, UserQuota
+
+
+class Command(BaseCommand):
+    help = "Create the plans, a demo user and a staff user (idempotent); print their passwords and a demo API key."
+
+    def handle(self, **options):
+        default, _ = Plan.objects.get_or_create(name="default", defaults={"is_default": True})
+        Plan.objects.get_or_create(name="pro", defaults={
+            "tokens_per_day": 2_000_000, "tokens_per_month": 30_000_000, "requests_per_minute": 600,
+            "concurrent_streams": 16, "max_tokens_per_request": 8192})
+        User = get_user_model()
+        lines = []
+        for username, staff in (("demo", False), ("admin", True)):
+            user, created = User.objects.get_or_create(username=username, defaults={"is_staff": staff,
+                                                                                   "is_superuser": staff})
+            if created:
+                password = secrets.token_urlsafe(9)
+                user.set_password(password)
+                user.save()
+                lines.append(f"  {username:6} password: {password}")
+            else:
+                lines.append(f"  {username:6} (already exists; password unchanged — "
+                             f"`python manage.py changepassword {username}` to set one)")
+            UserQuota.objects.get_or_create(user=user, defaults={"plan": default})
+        _, raw = ApiKey.issue(User.objects.get(username="demo"), name="demo")
+        self.stdout.write("Sluice demo accounts:\n" + "\n".join(lines))
+        self.stdout.write(f"  demo API key: {raw}")

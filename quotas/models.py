@@ -1,0 +1,171 @@
+"""Plans, per-user quota records, API keys and the usage ledger.
+
+The ledger is the truth about tokens spent; the counter store (Redis or in-process) is a cache of
+it that can be rebuilt (docs/quotas.md).
+"""
+
+import hashlib
+import hmac
+import secrets
+import zoneinfo
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+TIMEZONE_CHOICES = sorted((tz, tz) for tz in zoneinfo.available_timezones())
+
+
+class Plan(models.Model):
+    name = models.CharField(max_length=64, unique=True)
+    tokens_per_day = models.PositiveBigIntegerField(default=200_000)
+    tokens_per_month = models.PositiveBigIntegerField(default=3_000_000)
+    requests_per_minute = models.PositiveIntegerField(default=60)
+    concurrent_streams = models.PositiveIntegerField(default=4)
+    max_tokens_per_request = models.PositiveIntegerField(default=4096)
+    allowed_models = models.JSONField(
+        default=list, blank=True, help_text="Model names this plan may use; empty means every configured model."
+    )
+    is_default = models.BooleanField(default=False, help_text="The plan of every user without a quota record.")
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["is_default"], condition=models.Q(is_default=True), name="one_default_plan")
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class UserQuota(models.Model):
+    """A user's plan, with optional per-user overrides (blank = the plan's value)."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota")
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="quotas")
+    tokens_per_day = models.PositiveBigIntegerField(null=True, blank=True)
+    tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True)
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    concurrent_streams = models.PositiveIntegerField(null=True, blank=True)
+    max_tokens_per_request = models.PositiveIntegerField(null=True, blank=True)
+    allowed_models = models.JSONField(null=True, blank=True)
+    suspended = models.BooleanField(default=False)
+    timezone = models.CharField(max_length=64, default="UTC", choices=TIMEZONE_CHOICES,
+                                help_text="Daily and monthly windows start at midnight here.")
+
+    class Meta:
+        verbose_name = "user quota"
+
+    def __str__(self):
+        return f"{self.user} on {self.plan}"
+
+
+def hash_key(raw: str) -> str:
+    # Keys are 256-bit random strings, so a plain SHA-256 is enough (no need for a slow KDF).
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class ApiKey(models.Model):
+    PREFIX = "sk-sluice-"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=24, editable=False, help_text="The key's first characters, to tell keys apart.")
+    hashed_key = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.name or 'unnamed'})"
+
+    @classmethod
+    def issue(cls, user, name="", expires_at=None):
+        """Create a key; returns (ApiKey, raw_key). The raw key is never stored and shown only now."""
+        raw = cls.PREFIX + secrets.token_urlsafe(32)
+        key = cls.objects.create(user=user, name=name, prefix=raw[: len(cls.PREFIX) + 6],
+                                 hashed_key=hash_key(raw), expires_at=expires_at)
+        return key, raw
+
+    def matches(self, raw: str) -> bool:
+        return hmac.compare_digest(self.hashed_key, hash_key(raw))
+
+    @property
+    def is_active(self):
+        now = timezone.now()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class Usage(models.Model):
+    """The ledger: one row per admitted or refused request, written at admission and settled once."""
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming", "in progress"
+        COMPLETED = "completed", "completed"
+        QUOTA_EXHAUSTED = "quota_exhausted", "cut at the quota"
+        CLIENT_DISCONNECTED = "client_disconnected", "client disconnected"
+        CLIENT_STALLED = "client_stalled", "client stalled"
+        UPSTREAM_ERROR = "upstream_error", "upstream error"
+        REJECTED = "rejected", "rejected"
+
+    request_id = models.CharField(max_length=64, unique=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
+    model = models.CharField(max_length=100)
+    status = models.CharField(max_length=24, choices=Status.choices, default=Status.STREAMING)
+    reason = models.CharField(max_length=64, blank=True, help_text="For refusals and errors: the error code.")
+    started_at = models.DateTimeField(default=timezone.now)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    stream = models.BooleanField(default=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    reserved_tokens = models.PositiveIntegerField(default=0, help_text="The most this request may still be charged while in progress.")
+    usage_reported = models.BooleanField(default=False, help_text="True: the upstream reported the counts; false: metered here.")
+    time_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    bytes_sent = models.PositiveBigIntegerField(default=0)
+    backpressure_pauses = models.PositiveIntegerField(default=0)
+    paused_ms = models.PositiveIntegerField(default=0)
+    peak_buffered_bytes = models.PositiveIntegerField(default=0)
+    # Which calendar windows (in the user's timezone) this row counts towards.
+    counted = models.BooleanField(default=True, help_text="False once an operator reset the window it belongs to.")
+    day = models.DateField()
+    month = models.CharField(max_length=7)
+
+    class Meta:
+        verbose_name_plural = "usage"
+        indexes = [
+            models.Index(fields=["user", "day"]),
+            models.Index(fields=["user", "month"]),
+            models.Index(fields=["-started_at"]),
+            models.Index(fields=["status", "started_at"]),
+        ]
+
+    def __str__(self):
+        return self.request_id
+
+    @property
+    def total_tokens(self):
+        return self.prompt_tokens + self.completion_tokens
+
+
+class DailyUsage(models.Model):
+    """Rollup per user × model × day (UTC), for charts and fast admin aggregates."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="daily_usage")
+    model = models.CharField(max_length=100)
+    date = models.DateField()
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    refusals = models.PositiveIntegerField(default=0)
+    upstream_errors = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "daily usage"
+        constraints = [models.UniqueConstraint(fields=["user", "model", "date"], name="one_rollup_per_day")]
+        indexes = [models.Index(fields=["date"])]

@@ -1,0 +1,240 @@
+"""The Redis store: counters shared by every worker, each operation one Lua script.
+
+Connection settings come from django-redis's cache configuration (CACHES["default"]["LOCATION"]
+and OPTIONS["CONNECTION_POOL_KWARGS"]); django-redis itself has no asyncio client, so this store
+opens a `redis.asyncio` pool with the same settings, one per event loop.
+"""
+
+from django.conf import settings
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .base import CounterStore, LeaseResult, RateResult, SlotResult, StoreUnavailable
+
+# KEYS[1]=zset; ARGV: limit, window, now, member
+RATE = """
+local limit, window, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local n = redis.call('ZCARD', KEYS[1])
+local allowed = 0
+if n < limit and ARGV[5] == '1' then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+  n = n + 1
+  allowed = 1
+elseif n < limit then
+  allowed = 1
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local reset = 0
+if oldest[2] then reset = tonumber(oldest[2]) + window - now end
+return {allowed, limit - n, tostring(reset)}
+"""
+
+# KEYS[1]=hash holder->expires; ARGV: holder, limit, ttl, now
+SLOT = """
+local now = tonumber(ARGV[4])
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) <= now then redis.call('HDEL', KEYS[1], all[i]) end
+end
+local n = redis.call('HLEN', KEYS[1])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or n < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[3]))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
+  return {1, redis.call('HLEN', KEYS[1])}
+end
+return {0, n}
+"""
+
+# Window hashes: field "used", and one field per lease holder, "h:<holder>" = "tokens:expires".
+# KEYS = windows; ARGV: holder, held, want, now, ttl, then limit and expire_at per window.
+LEASE = """
+local holder, held, want = 'h:' .. ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local missing = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then table.insert(missing, key) end
+end
+if #missing > 0 then return {0, missing, {}} end
+local available = {}
+local granted = want
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[4 + 2 * i])
+  local used, others = 0, 0
+  local all = redis.call('HGETALL', key)
+  for j = 1, #all, 2 do
+    local field, value = all[j], all[j + 1]
+    if field == 'used' then
+      used = tonumber(value)
+    elseif string.sub(field, 1, 2) == 'h:' then
+      local sep = string.find(value, ':')
+      local tokens, expires = tonumber(string.sub(value, 1, sep - 1)), tonumber(string.sub(value, sep + 1))
+      if expires <= now then
+        redis.call('HDEL', key, field)
+      elseif field ~= holder then
+        others = others + tokens
+      end
+    end
+  end
+  available[i] = limit - used - others - held
+  if available[i] < granted then granted = available[i] end
+end
+if granted < 0 then granted = 0 end
+local remaining = {}
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, holder, (held + granted) .. ':' .. (now + ttl))
+  local expire_at = tonumber(ARGV[5 + 2 * i])
+  if redis.call('PEXPIRETIME', key) < expire_at * 1000 then
+    redis.call('PEXPIREAT', key, math.ceil(expire_at * 1000))
+  end
+  remaining[i] = math.max(0, available[i] - granted)
+end
+return {granted, {}, remaining}
+"""
+
+# KEYS = windows, then the slot hash (or none); ARGV: holder, now, ttl
+RENEW = """
+local holder, expires = ARGV[1], tonumber(ARGV[2]) + tonumber(ARGV[3])
+local n = #KEYS
+if ARGV[4] == '1' then n = n - 1 end
+for i = 1, n do
+  local value = redis.call('HGET', KEYS[i], 'h:' .. holder)
+  if value then
+    local sep = string.find(value, ':')
+    redis.call('HSET', KEYS[i], 'h:' .. holder, string.sub(value, 1, sep - 1) .. ':' .. expires)
+  end
+end
+if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[#KEYS], holder) == 1 then
+  redis.call('HSET', KEYS[#KEYS], holder, expires)
+  redis.call('PEXPIRE', KEYS[#KEYS], math.ceil(tonumber(ARGV[3]) * 1000))
+end
+return 1
+"""
+
+# KEYS = windows; ARGV: holder, charged
+SETTLE = """
+for i, key in ipairs(KEYS) do
+  if redis.call('HDEL', key, 'h:' .. ARGV[1]) == 1 then
+    redis.call('HINCRBY', key, 'used', ARGV[2])
+  end
+end
+return 1
+"""
+
+# KEYS[1] = window; ARGV: used, expire_at, ttl, now, then holder/tokens pairs
+SEED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'used', ARGV[1])
+local expires = tonumber(ARGV[4]) + tonumber(ARGV[3])
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], 'h:' .. ARGV[i], ARGV[i + 1] .. ':' .. expires)
+end
+redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
+return 1
+"""
+
+USAGE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local now, used, leased = tonumber(ARGV[1]), 0, 0
+local all = redis.call('HGETALL', KEYS[1])
+for j = 1, #all, 2 do
+  if all[j] == 'used' then
+    used = tonumber(all[j + 1])
+  else
+    local sep = string.find(all[j + 1], ':')
+    if tonumber(string.sub(all[j + 1], sep + 1)) > now then
+      leased = leased + tonumber(string.sub(all[j + 1], 1, sep - 1))
+    end
+  end
+end
+return {used, leased}
+"""
+
+
+def connection_settings():
+    cache = settings.CACHES.get("default", {})
+    location = cache.get("LOCATION") if "redis" in cache.get("BACKEND", "") else None
+    location = location or settings.REDIS_URL
+    if isinstance(location, (list, tuple)):
+        location = location[0]
+    kwargs = dict(cache.get("OPTIONS", {}).get("CONNECTION_POOL_KWARGS", {}))
+    return location, kwargs
+
+
+class RedisStore(CounterStore):
+    per_event_loop = True
+
+    def __init__(self):
+        location, kwargs = connection_settings()
+        kwargs.setdefault("socket_timeout", 2.0)
+        kwargs.setdefault("socket_connect_timeout", 2.0)
+        self.client = aioredis.Redis.from_url(location, **kwargs)
+        self._rate = self.client.register_script(RATE)
+        self._slot = self.client.register_script(SLOT)
+        self._lease = self.client.register_script(LEASE)
+        self._renew = self.client.register_script(RENEW)
+        self._settle = self.client.register_script(SETTLE)
+        self._seed = self.client.register_script(SEED)
+        self._usage = self.client.register_script(USAGE)
+        self._member = 0
+
+    async def _call(self, script, keys, args):
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def hit(self, key, limit, window_seconds, now):
+        return await self._rate_call(key, limit, window_seconds, now, count=True)
+
+    async def peek_rate(self, key, limit, window_seconds, now):
+        return await self._rate_call(key, limit, window_seconds, now, count=False)
+
+    async def _rate_call(self, key, limit, window_seconds, now, count):
+        self._member += 1
+        member = f"{now}:{id(self)}:{self._member}"
+        allowed, remaining, reset = await self._call(
+            self._rate, [key], [limit, window_seconds, repr(now), member, "1" if count else "0"])
+        return RateResult(bool(allowed), max(0, int(remaining)), max(0.0, float(reset)))
+
+    async def acquire_slot(self, key, holder, limit, ttl, now):
+        acquired, active = await self._call(self._slot, [key], [holder, limit, ttl, repr(now)])
+        return SlotResult(bool(acquired), int(active))
+
+    async def release_slot(self, key, holder):
+        try:
+            await self.client.hdel(key, holder)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def lease(self, windows, holder, held, want, now, ttl):
+        args = [holder, held, want, repr(now), ttl]
+        for window in windows:
+            args += [window.limit, repr(window.expire_at)]
+        granted, missing, remaining = await self._call(self._lease, [w.key for w in windows], args)
+        return LeaseResult(int(granted), tuple(m.decode() if isinstance(m, bytes) else m for m in missing),
+                           tuple(int(r) for r in remaining))
+
+    async def renew(self, windows, slot_key, holder, now, ttl):
+        keys = [w.key for w in windows] + ([slot_key] if slot_key else [])
+        await self._call(self._renew, keys, [holder, repr(now), ttl, "1" if slot_key else "0"])
+
+    async def settle(self, windows, holder, charged):
+        await self._call(self._settle, [w.key for w in windows], [holder, charged])
+
+    async def seed(self, window, used, leases, now, ttl):
+        args = [used, repr(window.expire_at), ttl, repr(now)]
+        for holder, tokens in leases.items():
+            args += [holder, tokens]
+        await self._call(self._seed, [window.key], args)
+
+    async def usage(self, key, now):
+        result = await self._call(self._usage, [key], [repr(now)])
+        return None if result is None else (int(result[0]), int(result[1]))
+
+    async def delete(self, key):
+        try:
+            await self.client.delete(key)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc

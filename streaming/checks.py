@@ -1,0 +1,44 @@
+"""Configuration mistakes fail at start-up, naming the variable and the fix."""
+
+from urllib.parse import urlparse
+
+from django.conf import settings
+from django.core.checks import Error, Tags, Warning, register
+
+
+@register(Tags.security, deploy=False)
+def check_settings(app_configs=None, **kwargs):
+    errors = []
+    if not settings.SECRET_KEY:
+        errors.append(Error(
+            "DJANGO_SECRET_KEY is not set.",
+            hint="Set DJANGO_SECRET_KEY to a long random string, e.g. the output of "
+                 "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`.",
+            id="sluice.E001"))
+    url = settings.DATABASE_URL
+    if url and urlparse(url).scheme not in ("postgres", "postgresql", "pgsql", "sqlite"):
+        errors.append(Error(
+            f"DATABASE_URL has an unsupported scheme '{urlparse(url).scheme}'.",
+            hint="Use postgres://USER@HOST:5432/NAME, or unset DATABASE_URL for SQLite.", id="sluice.E002"))
+    if settings.REDIS_URL and urlparse(settings.REDIS_URL).scheme not in ("redis", "rediss", "unix"):
+        errors.append(Error(
+            "REDIS_URL must start with redis://, rediss:// or unix://.",
+            hint="For example REDIS_URL=redis://127.0.0.1:6379/0, or unset it for the in-process store.",
+            id="sluice.E003"))
+    if settings.OPENAI_BASE_URL and urlparse(settings.OPENAI_BASE_URL).scheme not in ("http", "https"):
+        errors.append(Error(
+            "OPENAI_BASE_URL must be an http:// or https:// URL.",
+            hint="For example OPENAI_BASE_URL=http://127.0.0.1:8001/v1 for a vLLM server, "
+                 "or unset it to use OpenAI (with OPENAI_API_KEY) or the simulated upstream.", id="sluice.E004"))
+    if "memory" in settings.SLUICE_COUNTER_STORE and not settings.DEBUG and settings.REDIS_URL == "" \
+            and settings.DATABASE_URL.startswith("postgres"):
+        # Several processes on one database need one shared counter store.
+        errors.append(Warning(
+            "PostgreSQL is configured but REDIS_URL is not: each server process would keep its own counters.",
+            hint="Set REDIS_URL so that every process shares the quotas, or run a single process on SQLite.",
+            id="sluice.W001"))
+    for name in ("STREAM_BUFFER_BYTES", "STREAM_STALL_TIMEOUT", "QUOTA_LEASE_BLOCK_TOKENS", "QUOTA_SLOT_TTL"):
+        if getattr(settings, name) <= 0:
+            errors.append(Error(f"{name} must be positive.", hint=f"Unset {name} to use its default.",
+                                id="sluice.E006"))
+    return errors

@@ -1,0 +1,272 @@
+"""The relay: provider → bounded prefetch buffer → client, with backpressure end to end.
+
+A reader task pulls SSE events from the provider into a `PrefetchBuffer`; the response's async
+generator takes whatever is buffered and yields it as one write. While the client keeps up, each
+chunk is written the moment it arrives; while the client is behind (the server's `await send()`
+is paused by a full socket), chunks coalesce in the buffer up to its byte budget, and then the
+reader stops reading the provider — whose own send then blocks, so it stops generating.
+
+A watchdog per stream cuts off a client that accepts nothing for STREAM_STALL_TIMEOUT, ends
+streams at STREAM_MAX_DURATION, and renews the stream's quota lease and slot (their heartbeat).
+"""
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from quotas.policy import chunk_tokens
+
+from . import live
+from .errors import ApiError
+from .upstream import UpstreamError
+
+logger = logging.getLogger(__name__)
+
+# A yield that takes longer than this waited on the client: one backpressure pause.
+PAUSE_SECONDS = 0.005
+HEARTBEAT = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+# The smallest per-stream budget under global pressure: one ordinary event always fits.
+MIN_STREAM_BUFFER = 2048
+
+
+class BufferBudget:
+    """The process-wide cap on bytes held in prefetch buffers.
+
+    Until half of STREAM_GLOBAL_BUFFER_BYTES is in use every stream gets STREAM_BUFFER_BYTES;
+    beyond that the per-stream budget shrinks in proportion to what is left.
+    """
+
+    def __init__(self):
+        self.used = 0
+
+    def per_stream(self) -> int:
+        base, cap = settings.STREAM_BUFFER_BYTES, settings.STREAM_GLOBAL_BUFFER_BYTES
+        free = cap - self.used
+        if free >= cap / 2:
+            return base
+        return max(MIN_STREAM_BUFFER, int(base * max(0, free) / (cap / 2)))
+
+
+budget = BufferBudget()
+
+
+@dataclass
+class StreamFigures:
+    bytes_sent: int = 0
+    pauses: int = 0
+    paused_seconds: float = 0.0
+    peak_buffered_bytes: int = 0
+    completion_tokens: int = 0  # metered
+    first_token_at: float | None = None
+    paused: bool = False  # right now, for the live panel
+
+
+class PrefetchBuffer:
+    """Bytes read ahead of the client; `put` waits while the buffer is over its budget."""
+
+    def __init__(self, figures: StreamFigures):
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.ended = False
+        self.figures = figures
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+
+    async def put(self, data: bytes):
+        # An empty buffer always takes one event, so a stream never deadlocks on a large chunk.
+        while self.size and self.size + len(data) > budget.per_stream():
+            self._writable.clear()
+            await self._writable.wait()
+        self._append(data)
+
+    def _append(self, data):
+        self.parts.append(data)
+        self.size += len(data)
+        budget.used += len(data)
+        if self.size > self.figures.peak_buffered_bytes:
+            self.figures.peak_buffered_bytes = self.size
+        self._readable.set()
+
+    def end(self, final: bytes = b""):
+        """No more data after `final` (an error event or [DONE]); ignores the budget."""
+        if final:
+            self._append(final)
+        self.ended = True
+        self._readable.set()
+
+    async def take(self, timeout: float | None = None) -> bytes | None:
+        """Everything buffered, as one write; b"" if `timeout` passed first; None at the end."""
+        if not self.parts and not self.ended:
+            if timeout is None:
+                await self._readable.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._readable.wait(), timeout)
+                except TimeoutError:
+                    return b""
+        self._readable.clear()
+        if not self.parts:
+            return None
+        data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        self.parts.clear()
+        budget.used -= self.size
+        self.size = 0
+        self._writable.set()
+        return data
+
+    def discard(self):
+        budget.used -= self.size
+        self.parts.clear()
+        self.size = 0
+
+
+class Relay:
+    """One streaming response: `stream()` is the StreamingHttpResponse's content."""
+
+    def __init__(self, exchange, events):
+        self.exchange = exchange
+        self.events = events
+        self.figures = StreamFigures()
+        self.buffer = PrefetchBuffer(self.figures)
+        self.outcome = None  # set by whoever ends the stream other than the client
+        self.reported_usage = None
+        self.started = time.monotonic()
+        self.yield_started = None
+
+    def is_paused(self):
+        started = self.yield_started
+        return started is not None and time.monotonic() - started > PAUSE_SECONDS
+
+    async def _pump(self):
+        """Read provider events into the buffer, metering and leasing tokens as they come."""
+        exchange, figures = self.exchange, self.figures
+        lease = exchange.lease
+        include_usage = exchange.chat.include_usage
+        final = b""
+        try:
+            async for data in self.events:
+                if data == b"[DONE]":
+                    final = DONE
+                    self.outcome = self.outcome or "completed"
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    # The provider failed mid-answer; its message may name internals, so use ours.
+                    logger.warning("upstream error event mid-stream for %s", exchange.request_id)
+                    self.outcome = "upstream_error"
+                    final = ApiError("The upstream provider failed while answering.", status=502,
+                                     type="server_error", code="upstream_error").sse_event()
+                    break
+                usage = chunk.get("usage")
+                if usage:
+                    self.reported_usage = usage
+                choices = chunk.get("choices")
+                if choices:
+                    tokens = 0
+                    for choice in choices:
+                        delta = choice.get("delta") or {}
+                        content = delta.get("content") or delta.get("reasoning_content") or delta.get("refusal")
+                        if content:
+                            tokens += chunk_tokens(content)
+                        elif delta.get("tool_calls"):
+                            tokens += 1
+                    if tokens:
+                        if figures.completion_tokens + tokens > lease.completion_leased:
+                            if not await lease.need(figures.completion_tokens + tokens - lease.completion_leased):
+                                self.outcome = "quota_exhausted"
+                                final = lease.exhausted_error().sse_event()
+                                break
+                        figures.completion_tokens += tokens
+                        if figures.first_token_at is None:
+                            figures.first_token_at = time.monotonic()
+                elif usage and not include_usage:
+                    continue  # Sluice always asks for usage; the client gets it only if it asked
+                await self.buffer.put(b"data: " + data + b"\n\n")
+            else:
+                if self.outcome is None:
+                    self.outcome = "upstream_error"
+                    final = ApiError("The upstream provider ended the answer early.", status=502,
+                                     type="server_error", code="upstream_error").sse_event()
+        except UpstreamError as error:
+            self.outcome = "upstream_error"
+            final = ApiError(error.message, status=error.status, type="server_error", code=error.code).sse_event()
+        except ApiError as error:  # the quota store failed closed mid-stream
+            self.outcome = "upstream_error" if error.status >= 500 else "quota_exhausted"
+            final = error.sse_event()
+        except Exception:
+            logger.exception("relay failed for %s", exchange.request_id)
+            self.outcome = "upstream_error"
+            final = ApiError("The gateway failed while relaying the answer.", status=500,
+                             type="server_error", code="internal_error").sse_event()
+        finally:
+            # Stop the provider now: don't wait for the client to drain the buffer.
+            await self.events.aclose()
+        self.buffer.end(final)
+
+    async def _watch(self, handler):
+        """Stall cut-off, maximum duration, and the lease and slot heartbeat."""
+        stall, max_duration = settings.STREAM_STALL_TIMEOUT, settings.STREAM_MAX_DURATION
+        renew_every = settings.QUOTA_SLOT_TTL / 3
+        tick = max(0.05, min(1.0, stall / 4, renew_every))
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if self.yield_started is not None and now - self.yield_started > stall:
+                logger.info("client stalled for %.0f s: cutting off %s", stall, self.exchange.request_id)
+                self.outcome = "client_stalled"
+                handler.cancel()  # unblocks the server's send; the stream's finally settles
+                return
+            if now - self.started > max_duration and not self.buffer.ended:
+                self.outcome = "completed"
+                self._pump_task.cancel()
+                await self.events.aclose()
+                self.buffer.end(ApiError(f"The stream reached its maximum duration of {max_duration:g} s.",
+                                         status=408, type="server_error", code="stream_timeout").sse_event())
+            if now - renewed > renew_every:
+                renewed = now
+                await self.exchange.renew()
+
+    async def stream(self):
+        exchange, figures, buffer = self.exchange, self.figures, self.buffer
+        self._pump_task = asyncio.create_task(self._pump())
+        watchdog = asyncio.create_task(self._watch(asyncio.current_task()))
+        live.register(exchange, figures)
+        heartbeat = settings.STREAM_HEARTBEAT_INTERVAL
+        delivered_end = False
+        try:
+            while True:
+                waiting_first = figures.first_token_at is None
+                data = await buffer.take(heartbeat if waiting_first else None)
+                if data is None:
+                    delivered_end = True
+                    break
+                if not data:
+                    data = HEARTBEAT  # keeps proxies from closing an idle connection
+                self.yield_started = started = time.monotonic()
+                yield data
+                waited = time.monotonic() - started
+                self.yield_started = None
+                figures.bytes_sent += len(data)
+                if waited > PAUSE_SECONDS:
+                    figures.pauses += 1
+                    figures.paused_seconds += waited
+        finally:
+            self.yield_started = None
+            watchdog.cancel()
+            self._pump_task.cancel()
+            live.unregister(exchange)
+            # The client went away unless the stream's end reached it or it was cut off.
+            outcome = self.outcome if delivered_end or self.outcome == "client_stalled" else "client_disconnected"
+            try:
+                # The pump closes the provider's stream in its own finally.
+                await asyncio.wait([self._pump_task])
+            finally:
+                buffer.discard()
+                await self.events.aclose()
+                await exchange.finish(outcome, figures, self.reported_usage)

@@ -1,0 +1,171 @@
+"""The upstream provider: the only module that imports `openai`.
+
+One shared `AsyncOpenAI` client per process and base URL (its connection pool is reused), pointed
+at OpenAI, any compatible server (vLLM, Ollama, a gateway), or Sluice's own simulated upstream.
+Streams are read as raw server-sent events through the client's streaming response, so chunks
+reach the client as the provider wrote them, without a parse-and-reserialise round trip.
+"""
+
+import email.utils
+import time
+from dataclasses import dataclass
+
+import httpx2
+import openai
+from django.conf import settings
+
+SIMULATOR_PREFIX = "/_sim"
+_clients: dict[tuple, openai.AsyncOpenAI] = {}
+
+
+@dataclass
+class UpstreamError(Exception):
+    """The provider refused or failed; `status` is what the client should see."""
+
+    status: int
+    code: str
+    message: str
+    retry_after_seconds: float | None = None
+    retryable: bool = False
+
+    def __str__(self):
+        return self.message
+
+
+def uses_simulator() -> bool:
+    return not settings.OPENAI_API_KEY and not settings.OPENAI_BASE_URL
+
+
+def base_url(scope) -> str:
+    """The configured provider, or this process's own simulated upstream (reached over loopback)."""
+    if settings.OPENAI_BASE_URL:
+        return settings.OPENAI_BASE_URL
+    if settings.OPENAI_API_KEY:
+        return "https://api.openai.com/v1"
+    host, port = (scope.get("server") or ("127.0.0.1", 8000))[:2]
+    if host in ("0.0.0.0", "::", "", None):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}{SIMULATOR_PREFIX}/v1"
+
+
+def get_client(url: str) -> openai.AsyncOpenAI:
+    timeouts = (settings.UPSTREAM_CONNECT_TIMEOUT, settings.UPSTREAM_IDLE_TIMEOUT)
+    client = _clients.get((url, timeouts))
+    if client is None:
+        client = _clients[(url, timeouts)] = openai.AsyncOpenAI(
+            api_key=settings.OPENAI_API_KEY or "sluice-simulator",
+            base_url=url,
+            # Sluice retries itself, before the first byte only (docs/resilience.md).
+            max_retries=0,
+            # The read timeout is the longest silence allowed between two chunks.
+            timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT),
+            http_client=httpx2.AsyncClient(
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100),
+                timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT),
+            ),
+        )
+    return client
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _translate(exc: Exception) -> UpstreamError:
+    # Messages are ours: a provider's text may name its URL, organisation or key prefix.
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        code = (exc.body or {}).get("code") if isinstance(exc.body, dict) else None
+        retry_after = _retry_after(exc.response.headers if exc.response is not None else None)
+        if status == 429 and code == "insufficient_quota":
+            return UpstreamError(503, "upstream_quota", "The upstream provider's account is out of quota.")
+        if status == 429:
+            return UpstreamError(429, "upstream_rate_limited", "The upstream provider is rate limiting requests.",
+                                 retry_after, retryable=True)
+        if status >= 500:
+            return UpstreamError(502, "upstream_error", f"The upstream provider failed (HTTP {status}).",
+                                 retry_after, retryable=True)
+        if status in (401, 403):
+            return UpstreamError(502, "upstream_auth", "The gateway's upstream credentials were refused.")
+        if status == 404:
+            return UpstreamError(404, "model_not_found", "The upstream provider does not serve this model.")
+        return UpstreamError(400, "upstream_rejected", f"The upstream provider rejected the request (HTTP {status}).")
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamError(504, "upstream_timeout", "The upstream provider did not answer in time.", retryable=True)
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError, OSError)):
+        return UpstreamError(502, "upstream_unreachable", "Could not reach the upstream provider.", retryable=True)
+    return UpstreamError(502, "upstream_error", "The upstream provider failed.")
+
+
+class EventStream:
+    """An open upstream stream: iterate it for each SSE event's `data` payload (bytes)."""
+
+    def __init__(self, manager, response):
+        self._manager = manager
+        self._response = response
+        self.closed = False
+
+    async def __aiter__(self):
+        buffer = b""
+        try:
+            async for piece in self._response.http_response.aiter_bytes():
+                buffer += piece
+                if b"\r" in buffer:
+                    buffer = buffer.replace(b"\r\n", b"\n")
+                while True:
+                    end = buffer.find(b"\n\n")
+                    if end < 0:
+                        break
+                    event, buffer = buffer[:end], buffer[end + 2 :]
+                    for line in event.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            yield line[5:].strip()
+        except (httpx2.HTTPError, OSError) as exc:
+            raise _translate(exc) from exc
+
+    async def aclose(self):
+        """Close the connection: the provider sees it and stops generating."""
+        if not self.closed:
+            self.closed = True
+            await self._manager.__aexit__(None, None, None)
+
+
+async def open_stream(url: str, body: dict, request_id: str) -> EventStream:
+    """Send a streaming chat completion; returns once the provider answered with its headers."""
+    client = get_client(url)
+    manager = client.chat.completions.with_streaming_response.create(
+        **body, extra_headers={"X-Client-Request-Id": request_id})
+    try:
+        response = await manager.__aenter__()
+    except Exception as exc:
+        raise _translate(exc) from exc
+    return EventStream(manager, response)
+
+
+async def complete(url: str, body: dict, request_id: str) -> bytes:
+    """A non-streaming chat completion: the provider's JSON, as it sent it."""
+    client = get_client(url)
+    try:
+        async with client.chat.completions.with_streaming_response.create(
+                **body, extra_headers={"X-Client-Request-Id": request_id}) as response:
+            return await response.read()
+    except Exception as exc:
+        raise _translate(exc) from exc

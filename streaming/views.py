@@ -1,0 +1,113 @@
+"""The OpenAI-compatible API: thin async views over Exchange (quotas + upstream) and Relay."""
+
+import json
+
+from django.conf import settings
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+
+from quotas import services
+
+from .errors import ApiError, not_found
+from .exchange import Exchange
+from .relay import Relay
+from .upstream import UpstreamError
+from .validation import parse_body, parse_chat_request
+
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache",
+    # Ask nginx and friends not to buffer the stream (which would defeat backpressure).
+    "X-Accel-Buffering": "no",
+}
+
+
+def api_view(methods):
+    """Method check and ApiError → OpenAI error JSON, for every /v1/ view."""
+
+    def decorate(view):
+        async def wrapped(request, *args, **kwargs):
+            if request.method not in methods:
+                error = ApiError(f"Method {request.method} is not allowed on {request.path}; use {', '.join(methods)}.",
+                                 status=405, code="method_not_allowed")
+                response = error.response()
+                response["Allow"] = ", ".join(methods)
+                return response
+            try:
+                return await view(request, *args, **kwargs)
+            except ApiError as error:
+                return error.response()
+            except UpstreamError as error:
+                return ApiError(error.message, status=error.status, type="server_error" if error.status >= 500
+                                else "upstream_error", code=error.code,
+                                retry_after_seconds=error.retry_after_seconds).response()
+
+        wrapped.__name__ = view.__name__
+        wrapped.csrf_exempt = True  # bearer-token API: no cookies, no CSRF
+        return wrapped
+
+    return decorate
+
+
+async def chat_completion_response(request, body: dict):
+    """Shared by /v1/chat/completions and the demo's /api/chat."""
+    chat = parse_chat_request(body)
+    exchange = Exchange(request, chat)
+    await exchange.admit()
+    if not chat.stream:
+        raw = await exchange.complete()
+        try:
+            usage = json.loads(raw).get("usage")
+        except ValueError:
+            usage = None
+        await exchange.finish("completed", reported_usage=usage)
+        return HttpResponse(raw, content_type="application/json")
+    events = await exchange.open_stream()
+    relay = exchange.relay = Relay(exchange, events)
+    return StreamingHttpResponse(relay.stream(), content_type="text/event-stream", headers=STREAM_HEADERS)
+
+
+@api_view(["POST"])
+async def chat_completions(request):
+    return await chat_completion_response(request, parse_body(request))
+
+
+@api_view(["GET"])
+async def models(request):
+    limits = request.sluice.limits
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "sluice"}
+            for m in settings.SLUICE_MODELS if limits.allows_model(m, settings.SLUICE_MODELS)]
+    return JsonResponse({"object": "list", "data": data})
+
+
+@api_view(["GET"])
+async def quota(request):
+    caller = request.sluice
+    limits = caller.limits
+    windows = await services.quota_status(caller.user_id, limits)
+    rate = await services.peek_rate(caller.user_id, limits)
+    return JsonResponse({
+        "object": "quota",
+        "suspended": limits.suspended,
+        "timezone": limits.timezone,
+        "tokens": windows,
+        "requests": {"limit_per_minute": limits.requests_per_minute,
+                     "remaining": rate.remaining if rate else None,
+                     "reset_seconds": round(rate.reset_seconds, 3) if rate else None},
+        "concurrent_streams": limits.concurrent_streams,
+        "max_tokens_per_request": limits.max_tokens_per_request,
+        "models": [m for m in settings.SLUICE_MODELS if limits.allows_model(m, settings.SLUICE_MODELS)],
+    })
+
+
+def server_error(request):
+    """handler500: OpenAI error JSON under /v1/, Django's plain page elsewhere."""
+    if request.path.startswith("/v1/"):
+        return ApiError("The server had an error while processing your request.", status=500,
+                        type="server_error", code="internal_error").response()
+    from django.views.defaults import server_error as default
+
+    return default(request)
+
+
+@api_view(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+async def unknown(request, path=""):
+    return not_found(f"Unknown request URL: {request.method} {request.path}.", code="unknown_url").response()
