@@ -10,6 +10,8 @@ urlpatterns = [
     re_path(r"^v1/(?P<path>.*)$", views.unknown),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("", include("quotas.urls")),
+    path("", include("streaming.demo_urls")),
 ]
 
 handler500 = "streaming.views.server_error"

@@ -1,0 +1,3 @@
+"""Operator endpoints outside the admin (metrics)."""
+
+urlpatterns = []
