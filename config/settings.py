@@ -90,7 +90,10 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes (tests, a second server) share the file: wait for locks instead of failing.
     DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
-    DATABASES["default"]["TEST"] = {"NAME": os.environ.get("SLUICE_TEST_SQLITE", str(BASE_DIR / "test-db.sqlite3"))}
+    # A file (not :memory:), so the gateway processes a test starts share it; one per test run.
+    DATABASES["default"]["TEST"] = {"NAME": os.environ.get("SLUICE_TEST_SQLITE", f"/tmp/sluice-test-{os.getpid()}.sqlite3")}
+else:
+    DATABASES["default"]["TEST"] = {"NAME": f"test_sluice_{os.getpid()}"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")

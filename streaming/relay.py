@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # A yield that takes longer than this waited on the client: one backpressure pause.
 PAUSE_SECONDS = 0.005
 HEARTBEAT = b": keep-alive\n\n"
+OPENED = b": stream open\n\n"
 DONE = b"data: [DONE]\n\n"
 # The smallest per-stream budget under global pressure: one ordinary event always fits.
 MIN_STREAM_BUFFER = 2048
@@ -240,6 +241,9 @@ class Relay:
         heartbeat = settings.STREAM_HEARTBEAT_INTERVAL
         delivered_end = False
         try:
+            if not buffer.parts:
+                # Flush the response headers now (some servers send them with the first body bytes).
+                yield OPENED
             while True:
                 waiting_first = figures.first_token_at is None
                 data = await buffer.take(heartbeat if waiting_first else None)

@@ -168,7 +168,13 @@ class Simulator:
             prompt_tokens = count_prompt_tokens(messages)
             model = request.get("model", "sim-small")
             if not record.stream:
-                await asyncio.sleep(control.ttft_seconds)
+                disconnected, watcher = _watch_disconnect(receive)
+                try:
+                    if control.ttft_seconds and await _wait(disconnected, control.ttft_seconds):
+                        record.disconnected = True
+                        return
+                finally:
+                    watcher.cancel()
                 text = "".join(self._token(i, control) for i in range(n_tokens))
                 record.tokens_sent = n_tokens
                 record.finished = True
@@ -187,15 +193,7 @@ class Simulator:
 
     async def _stream(self, receive, send, record, request, model, n_tokens, prompt_tokens):
         control = self.state.control
-        # The gateway closing its connection arrives as http.disconnect: watch for it meanwhile.
-        disconnected = asyncio.Event()
-
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            disconnected.set()
-
-        watcher = asyncio.create_task(watch())
+        disconnected, watcher = _watch_disconnect(receive)
 
         async def write(payload: bytes):
             started = time.perf_counter()
@@ -211,6 +209,9 @@ class Simulator:
                 "type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
             })
+            # A comment first, as providers flush their headers at once (some servers hold them back
+            # until the first body bytes).
+            await write(b": ok\n\n")
             if control.ttft_seconds and await _wait(disconnected, control.ttft_seconds):
                 record.disconnected = True
                 return
@@ -258,6 +259,18 @@ class Simulator:
     def _token(self, i, control):
         word = WORDS[(i + control.seed) % len(WORDS)]
         return f" {word}{'.' * control.token_padding}"
+
+
+def _watch_disconnect(receive):
+    """The gateway closing its connection arrives as http.disconnect: an event set when it does."""
+    disconnected = asyncio.Event()
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected.set()
+
+    return disconnected, asyncio.create_task(watch())
 
 
 async def _wait(event, seconds):

@@ -19,7 +19,8 @@ from django.db import connection
 
 from tests.servers import start_server
 
-REDIS_TEST_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# A Redis database of its own per test run (runs on one machine may overlap).
+REDIS_TEST_URL = os.environ.get("SLUICE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
 
 SERVERS = {
     "daphne": [sys.executable, "-m", "streaming.serve", "-b", "127.0.0.1", "-p", "{port}", "config.asgi:application"],

@@ -1,0 +1,122 @@
+"""Daphne with HTTP backpressure: the application's ``await send()`` waits while the client's socket is full.
+
+Stock Daphne 4.2 writes each body chunk into Twisted's transport and returns at once, and registers no producer
+on the connection, so Twisted's "stop, the send buffer is full" signal reaches nobody and a client that stops
+reading makes the server buffer the whole stream. Here each HTTP request gets a push producer (a "gate") on its
+HTTPChannel, and ``handle_reply`` waits on it after every body chunk. See docs/backpressure.md.
+"""
+
+# daphne.server installs Twisted's asyncio reactor; it must be imported before anything imports the reactor.
+from daphne.server import Server  # isort:skip
+
+import asyncio
+import warnings
+
+import daphne
+from daphne.http_protocol import WebRequest
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+# The gate relies on how Daphne calls protocol_connected/protocol_disconnected and on HTTPChannel's producer
+# handling; both were read and tested against these versions (Twisted 26.10.0).
+TESTED_DAPHNE_VERSION = "4.2.3"
+
+if daphne.__version__ != TESTED_DAPHNE_VERSION:
+    warnings.warn(
+        f"streaming.server.BackpressureServer was tested against daphne {TESTED_DAPHNE_VERSION}, "
+        f"but daphne {daphne.__version__} is installed: run tests/streaming/test_server.py before trusting "
+        "its HTTP backpressure.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+@implementer(IPushProducer)
+class ResponseGate:
+    """One request's pause/resume signal from Twisted, as an asyncio.Event (set = the app may send more).
+
+    Twisted calls these methods from the asyncio reactor's callbacks, i.e. on the event loop's own thread, so
+    plain ``Event.set()``/``clear()`` are safe (no ``call_soon_threadsafe`` needed).
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+        self._may_produce = asyncio.Event()
+        self._may_produce.set()
+
+    def pauseProducing(self):
+        self._may_produce.clear()
+
+    def resumeProducing(self):
+        self._may_produce.set()
+
+    def stopProducing(self):
+        # The connection is going away: release the app; Daphne drops its later sends.
+        self._may_produce.set()
+
+    async def wait(self):
+        await self._may_produce.wait()
+
+
+class BackpressureServer(Server):
+    """Daphne's Server whose HTTP ``send()`` blocks while Twisted has paused the connection's producer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._gates = {}  # WebRequest -> its ResponseGate, until Daphne reports the request disconnected
+        self._channel_gates = {}  # HTTPChannel -> the one ResponseGate registered on it
+
+    def protocol_connected(self, protocol):
+        super().protocol_connected(protocol)
+        # Only plain HTTP requests are gated: WebSocket protocols have no channel (and no flow control in
+        # Daphne at all, django/daphne#170).
+        channel = getattr(protocol, "channel", None)
+        if not isinstance(protocol, WebRequest) or not hasattr(channel, "registerProducer"):
+            return
+        previous = self._channel_gates.pop(channel, None)
+        if previous is not None:
+            # A pipelined request is built inside the previous request's finish(), before that request's
+            # protocol_disconnected runs, and HTTPChannel accepts only one producer at a time: hand over.
+            channel.unregisterProducer()
+            previous.resumeProducing()
+        gate = ResponseGate(channel)
+        # On the channel, not the Request: a producer left on a Request makes Request.finish() log CRITICAL
+        # "Producer was not unregistered", and the channel is where the transport's pause/resume arrives.
+        channel.registerProducer(gate, True)
+        self._gates[protocol] = gate
+        self._channel_gates[channel] = gate
+
+    def protocol_disconnected(self, protocol):
+        # Called on finish(), on connection loss and on a WebSocket upgrade (the Request's channel may already be
+        # gone by then, hence gate.channel).
+        super().protocol_disconnected(protocol)
+        gate = self._gates.pop(protocol, None)
+        if gate is None:
+            return
+        gate.resumeProducing()  # wake a send() still waiting: the response is over
+        if self._channel_gates.get(gate.channel) is gate:
+            del self._channel_gates[gate.channel]
+            gate.channel.unregisterProducer()
+
+    def create_application(self, protocol, scope):
+        queue = super().create_application(protocol, scope)
+        instance = self.connections.get(protocol, {}).get("application_instance")
+        if instance is not None and isinstance(protocol, WebRequest):
+            instance.add_done_callback(lambda _: self._abort_unfinished(protocol))
+        return queue
+
+    @staticmethod
+    def _abort_unfinished(protocol):
+        # An app that ends mid-response (e.g. Sluice cutting off a stalled reader by cancelling it) leaves a
+        # response that can never complete, and stock Daphne keeps such a connection open. Drop it, as Uvicorn
+        # does; abort rather than close, since a stalled client would never drain what is buffered.
+        if protocol._response_started and not protocol.finished and protocol.channel is not None:
+            protocol.channel.transport.abortConnection()
+
+    async def handle_reply(self, protocol, message):
+        await super().handle_reply(protocol, message)
+        if message.get("type") == "http.response.body" and message.get("more_body", False):
+            gate = self._gates.get(protocol)
+            if gate is not None:
+                # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
+                await gate.wait()

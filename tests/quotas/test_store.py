@@ -1,0 +1,141 @@
+"""The counter store contract: the same tests against the in-process store and Redis."""
+
+import asyncio
+import time
+
+import pytest
+
+from quotas.store import WindowSpec
+from quotas.store.memory import MemoryStore
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request):
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    from django.test import override_settings
+
+    from quotas.store.redis import RedisStore
+
+    with override_settings(REDIS_URL=url, CACHES={"default": {"BACKEND": "django_redis.cache.RedisCache",
+                                                              "LOCATION": url}}):
+        store = RedisStore()
+        yield store
+        await store.client.aclose()
+
+
+def window(key="w", limit=100, expire_in=3600):
+    return WindowSpec(key=f"test:{key}", limit=limit, expire_at=time.time() + expire_in)
+
+
+async def test_rate_counts_up_to_the_limit_then_refuses_without_counting(store):
+    now = 1000.0
+    results = [await store.hit("test:rpm", 3, 60, now + i) for i in range(5)]
+    assert [r.allowed for r in results] == [True, True, True, False, False]
+    assert [r.remaining for r in results] == [2, 1, 0, 0, 0]
+    assert results[3].reset_seconds == pytest.approx(57)
+    # The window slides: the first request leaves at 1060.
+    assert (await store.hit("test:rpm", 3, 60, 1060.5)).allowed
+    assert (await store.peek_rate("test:rpm", 3, 60, 1060.6)).remaining == 0
+
+
+async def test_slots_are_limited_idempotent_released_and_expire(store):
+    now = 1000.0
+    assert (await store.acquire_slot("test:slots", "a", 2, 30, now)).acquired
+    assert (await store.acquire_slot("test:slots", "a", 2, 30, now)).active == 1  # same holder: no second slot
+    assert (await store.acquire_slot("test:slots", "b", 2, 30, now)).acquired
+    refused = await store.acquire_slot("test:slots", "c", 2, 30, now)
+    assert (refused.acquired, refused.active) == (False, 2)
+    await store.release_slot("test:slots", "a")
+    assert (await store.acquire_slot("test:slots", "c", 2, 30, now)).acquired
+    # A crashed worker's slot frees itself after its TTL; a renewed one does not.
+    await store.renew([], "test:slots", "c", now + 20, 30)
+    assert (await store.acquire_slot("test:slots", "d", 2, 30, now + 31)).acquired
+    assert not (await store.acquire_slot("test:slots", "e", 2, 30, now + 31)).acquired
+
+
+async def test_lease_names_missing_windows_until_seeded(store):
+    w = window()
+    result = await store.lease([w], "r1", 0, 10, 1000.0, 30)
+    assert (result.granted, result.missing) == (0, (w.key,))
+    await store.seed(w, used=40, leases={}, now=1000.0, ttl=30)
+    assert await store.usage(w.key, 1000.0) == (40, 0)
+    result = await store.lease([w], "r1", 0, 10, 1000.0, 30)
+    assert (result.granted, result.remaining) == (10, (50,))
+    assert await store.usage(w.key, 1000.0) == (40, 10)
+
+
+async def test_lease_grants_what_every_window_has_left(store):
+    day, month = window("d", 100), window("m", 30)
+    for w in (day, month):
+        await store.seed(w, used=0, leases={}, now=1000.0, ttl=30)
+    assert (await store.lease([day, month], "r1", 0, 25, 1000.0, 30)).granted == 25
+    # r2 wants 25 but the month has 5 left.
+    result = await store.lease([day, month], "r2", 0, 25, 1000.0, 30)
+    assert (result.granted, result.remaining) == (5, (70, 0))
+    assert (await store.lease([day, month], "r3", 0, 1, 1000.0, 30)).granted == 0
+
+
+async def test_settle_charges_what_was_used_and_returns_the_rest(store):
+    w = window(limit=100)
+    await store.seed(w, 0, {}, 1000.0, 30)
+    await store.lease([w], "r1", 0, 60, 1000.0, 30)
+    await store.settle([w], "r1", 22)
+    assert await store.usage(w.key, 1000.0) == (22, 0)
+    # Settling twice (or a holder the window does not know) charges nothing more.
+    await store.settle([w], "r1", 22)
+    assert await store.usage(w.key, 1000.0) == (22, 0)
+
+
+async def test_a_seeded_placeholder_is_replaced_not_added_to(store):
+    """A window rebuilt from the ledger holds a running request's reservation; its next lease corrects it."""
+    w = window(limit=100)
+    await store.seed(w, used=10, leases={"r1": 50}, now=1000.0, ttl=30)
+    assert await store.usage(w.key, 1000.0) == (10, 50)
+    # r1 really holds 20 and asks for 10 more: its lease becomes 30, not 50 + 30.
+    result = await store.lease([w], "r1", 20, 10, 1000.0, 30)
+    assert result.granted == 10
+    assert await store.usage(w.key, 1000.0) == (10, 30)
+
+
+async def test_seed_leaves_an_existing_window_alone(store):
+    w = window()
+    await store.seed(w, 5, {}, 1000.0, 30)
+    await store.seed(w, 99, {}, 1000.0, 30)
+    assert await store.usage(w.key, 1000.0) == (5, 0)
+
+
+async def test_expired_leases_free_their_tokens(store):
+    w = window(limit=100)
+    await store.seed(w, 0, {}, 1000.0, 30)
+    await store.lease([w], "crashed", 0, 90, 1000.0, 30)
+    assert (await store.lease([w], "r2", 0, 50, 1010.0, 30)).granted == 10
+    # The crashed worker never renews: after its TTL its lease is gone.
+    assert (await store.lease([w], "r3", 0, 50, 1031.0, 30)).granted == 50
+
+
+async def test_concurrent_leases_never_overshoot(store):
+    w = window(limit=1000)
+    await store.seed(w, 0, {}, 1000.0, 30)
+
+    async def greedy(holder):
+        held = 0
+        while True:
+            result = await store.lease([w], holder, held, 7, 1000.0, 30)
+            if not result.granted:
+                return held
+            held += result.granted
+
+    totals = await asyncio.gather(*(greedy(f"r{i}") for i in range(20)))
+    assert sum(totals) == 1000
+    used, leased = await store.usage(w.key, 1000.0)
+    assert used + leased == 1000
+
+
+async def test_delete_drops_a_window(store):
+    w = window()
+    await store.seed(w, 5, {}, 1000.0, 30)
+    await store.delete(w.key)
+    assert await store.usage(w.key, 1000.0) is None
