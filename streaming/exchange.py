@@ -119,6 +119,8 @@ class Exchange:
             await services.close_ledger(self.row, **fields)
         finally:
             await lease.settle(prompt_tokens + completion_tokens)
+            # The middleware releases the slot too, once the response is collected; releasing is idempotent.
+            await services.release_slot(self.caller.slot_key, self.request_id)
         from . import metrics
 
         metrics.stream_finished(status, completion_tokens, figures)

@@ -221,7 +221,10 @@ class Relay:
             if self.yield_started is not None and now - self.yield_started > stall:
                 logger.info("client stalled for %.0f s: cutting off %s", stall, self.exchange.request_id)
                 self.outcome = "client_stalled"
-                handler.cancel()  # unblocks the server's send; the stream's finally settles
+                # Settle here: the generator's own finally runs only when the cancelled handler's
+                # frames are collected, which a server may delay.
+                await self._shutdown("client_stalled")
+                handler.cancel()  # unblocks the server's send and ends the response
                 return
             if now - self.started > max_duration and not self.buffer.ended:
                 self.outcome = "completed"
@@ -263,14 +266,18 @@ class Relay:
         finally:
             self.yield_started = None
             watchdog.cancel()
-            self._pump_task.cancel()
-            live.unregister(exchange)
             # The client went away unless the stream's end reached it or it was cut off.
             outcome = self.outcome if delivered_end or self.outcome == "client_stalled" else "client_disconnected"
-            try:
-                # The pump closes the provider's stream in its own finally.
-                await asyncio.wait([self._pump_task])
-            finally:
-                buffer.discard()
-                await self.events.aclose()
-                await exchange.finish(outcome, figures, self.reported_usage)
+            await self._shutdown(outcome)
+
+    async def _shutdown(self, outcome):
+        """Stop reading the provider, close its stream, and settle. Idempotent."""
+        self._pump_task.cancel()
+        live.unregister(self.exchange)
+        try:
+            # The pump closes the provider's stream in its own finally.
+            await asyncio.wait([self._pump_task])
+        finally:
+            self.buffer.discard()
+            await self.events.aclose()
+            await self.exchange.finish(outcome, self.figures, self.reported_usage)

@@ -52,6 +52,7 @@ class RequestRecord:
     bytes_sent: int = 0
     blocked_seconds: float = 0.0
     blocked_writes: int = 0
+    write_started: float = 0.0  # monotonic time of the send() in progress, 0 when none
     disconnected: bool = False  # the gateway closed the connection before the end
     finished: bool = False
 
@@ -74,9 +75,18 @@ class State:
             "rejected_5xx": self.rejected_5xx,
             "tokens_sent": sum(r.tokens_sent for r in self.records),
             "bytes_sent": sum(r.bytes_sent for r in self.records),
-            "requests": [asdict(r) for r in self.records],
+            "requests": [self._describe(r) for r in self.records],
             "control": asdict(self.control),
         }
+
+
+    @staticmethod
+    def _describe(record):
+        described = asdict(record)
+        # A write still waiting is blocked now (the reader of this stream is not reading).
+        described["blocked_now"] = bool(record.write_started) and (
+            time.perf_counter() - record.write_started > BLOCKED_WRITE_SECONDS)
+        return described
 
 
 def count_prompt_tokens(messages):
@@ -196,8 +206,9 @@ class Simulator:
         disconnected, watcher = _watch_disconnect(receive)
 
         async def write(payload: bytes):
-            started = time.perf_counter()
+            started = record.write_started = time.perf_counter()
             await send({"type": "http.response.body", "body": payload, "more_body": True})
+            record.write_started = 0.0
             waited = time.perf_counter() - started
             if waited > BLOCKED_WRITE_SECONDS:
                 record.blocked_writes += 1
@@ -236,6 +247,9 @@ class Simulator:
                     if delay > 0 and await _wait(disconnected, delay):
                         record.disconnected = True
                         return
+                else:
+                    # A send() that does not block does not yield either: let the disconnect watcher run.
+                    await asyncio.sleep(0)
                 token = json.dumps(self._token(i, control))
                 await write(_sse(f'{head}{{"index":0,"delta":{{"content":{token}}},"finish_reason":null}}]}}'))
                 record.tokens_sent += 1
