@@ -8,6 +8,18 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django_application = get_asgi_application()
 
+
+def _refuse_misconfiguration():
+    """Daphne's and Uvicorn's command lines run no system checks (runserver does): run them here."""
+    from django.core import checks
+
+    errors = [e for e in checks.run_checks(include_deployment_checks=False) if e.is_serious()]
+    if errors:
+        raise SystemExit("Sluice will not start:\n" + "\n".join(f"  {e}\n    HINT: {e.hint}" for e in errors))
+
+
+_refuse_misconfiguration()
+
 from channels.routing import ProtocolTypeRouter  # noqa: E402  (after Django is set up)
 
 from streaming import simulator, upstream  # noqa: E402

@@ -30,10 +30,14 @@ def env_int(name, default):
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
-# No committed secret: with DEBUG off an empty key fails the `sluice.E001` check at start-up.
+# No committed secret. Without DJANGO_SECRET_KEY the process gets a random key of its own (so Django
+# can start far enough to run its checks), and with DEBUG off the `sluice.E001` check stops it.
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
-if not SECRET_KEY and DEBUG:
-    SECRET_KEY = "insecure-dev-only-key-set-DJANGO_SECRET_KEY-in-production"
+SECRET_KEY_MISSING = not SECRET_KEY
+if SECRET_KEY_MISSING:
+    import secrets
+
+    SECRET_KEY = secrets.token_urlsafe(50)
 ALLOWED_HOSTS = [h.strip() for h in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost").split(",") if h.strip()]
 CSRF_TRUSTED_ORIGINS = [
     o.strip() for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
@@ -82,10 +86,11 @@ TEMPLATES = [
 ASGI_APPLICATION = "config.asgi.application"
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
+SUPPORTED_DATABASE_SCHEMES = ("postgres", "postgresql", "pgsql", "sqlite")
+# An unsupported URL falls back to SQLite here so that the `sluice.E002` check can name the problem.
+_database_url = DATABASE_URL if DATABASE_URL.split(":", 1)[0] in SUPPORTED_DATABASE_SCHEMES else ""
 DATABASES = {
-    "default": dj_database_url.parse(
-        DATABASE_URL or f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=0
-    )
+    "default": dj_database_url.parse(_database_url or f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=0)
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes (tests, a second server) share the file: wait for locks instead of failing.
@@ -152,6 +157,21 @@ UPSTREAM_FIRST_TOKEN_TIMEOUT = env_float("UPSTREAM_FIRST_TOKEN_TIMEOUT", 60.0)
 UPSTREAM_IDLE_TIMEOUT = env_float("UPSTREAM_IDLE_TIMEOUT", 60.0)
 UPSTREAM_RETRY_DEADLINE = env_float("UPSTREAM_RETRY_DEADLINE", 20.0)
 UPSTREAM_RETRY_AFTER_CAP = env_float("UPSTREAM_RETRY_AFTER_CAP", 10.0)
+UPSTREAM_RETRY_MAX_ATTEMPTS = env_int("UPSTREAM_RETRY_MAX_ATTEMPTS", 10)
+UPSTREAM_BACKOFF_BASE = env_float("UPSTREAM_BACKOFF_BASE", 0.2)
+UPSTREAM_BACKOFF_MAX = env_float("UPSTREAM_BACKOFF_MAX", 5.0)
+# The shared adaptive (AIMD) limit on concurrent upstream requests, its fair queue, and the circuit breaker.
+UPSTREAM_CONCURRENCY_MIN = env_int("UPSTREAM_CONCURRENCY_MIN", 1)
+UPSTREAM_CONCURRENCY_MAX = env_int("UPSTREAM_CONCURRENCY_MAX", 64)  # 0: no limit
+UPSTREAM_AIMD_INCREASE = env_float("UPSTREAM_AIMD_INCREASE", 1.0)
+UPSTREAM_AIMD_DECREASE_FACTOR = env_float("UPSTREAM_AIMD_DECREASE_FACTOR", 0.5)
+UPSTREAM_PERMIT_TTL = env_float("UPSTREAM_PERMIT_TTL", 60.0)
+UPSTREAM_QUEUE_TIMEOUT = env_float("UPSTREAM_QUEUE_TIMEOUT", 10.0)
+UPSTREAM_QUEUE_MAX = env_int("UPSTREAM_QUEUE_MAX", 1000)
+UPSTREAM_QUEUE_POLL_INTERVAL = env_float("UPSTREAM_QUEUE_POLL_INTERVAL", 0.05)
+UPSTREAM_BREAKER_THRESHOLD = env_int("UPSTREAM_BREAKER_THRESHOLD", 5)  # 0: no breaker
+UPSTREAM_BREAKER_COOLDOWN = env_float("UPSTREAM_BREAKER_COOLDOWN", 10.0)
+UPSTREAM_LIMIT_FAIL_OPEN = env_bool("UPSTREAM_LIMIT_FAIL_OPEN", True)
 
 # Quotas (docs/quotas.md).
 QUOTA_LEASE_BLOCK_TOKENS = env_int("QUOTA_LEASE_BLOCK_TOKENS", 32)

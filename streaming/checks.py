@@ -9,14 +9,14 @@ from django.core.checks import Error, Tags, Warning, register
 @register(Tags.security, deploy=False)
 def check_settings(app_configs=None, **kwargs):
     errors = []
-    if not settings.SECRET_KEY:
+    if getattr(settings, "SECRET_KEY_MISSING", False) and not settings.DEBUG:
         errors.append(Error(
             "DJANGO_SECRET_KEY is not set.",
             hint="Set DJANGO_SECRET_KEY to a long random string, e.g. the output of "
                  "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`.",
             id="sluice.E001"))
     url = settings.DATABASE_URL
-    if url and urlparse(url).scheme not in ("postgres", "postgresql", "pgsql", "sqlite"):
+    if url and urlparse(url).scheme not in settings.SUPPORTED_DATABASE_SCHEMES:
         errors.append(Error(
             f"DATABASE_URL has an unsupported scheme '{urlparse(url).scheme}'.",
             hint="Use postgres://USER@HOST:5432/NAME, or unset DATABASE_URL for SQLite.", id="sluice.E002"))
