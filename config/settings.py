@@ -123,6 +123,7 @@ SLUICE_COUNTER_STORE = os.environ.get("SLUICE_COUNTER_STORE", SLUICE_COUNTER_STO
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
+CSRF_FAILURE_VIEW = "streaming.views.csrf_failure"
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"

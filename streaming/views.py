@@ -20,8 +20,11 @@ STREAM_HEADERS = {
 }
 
 
-def api_view(methods):
-    """Method check and ApiError → OpenAI error JSON, for every /v1/ view."""
+def api_view(methods, csrf_exempt=True):
+    """Method check and ApiError → OpenAI error JSON, for every /v1/ view.
+
+    Bearer-token endpoints need no CSRF protection; the demo's session endpoints pass False.
+    """
 
     def decorate(view):
         async def wrapped(request, *args, **kwargs):
@@ -41,7 +44,7 @@ def api_view(methods):
                                 retry_after_seconds=error.retry_after_seconds).response()
 
         wrapped.__name__ = view.__name__
-        wrapped.csrf_exempt = True  # bearer-token API: no cookies, no CSRF
+        wrapped.csrf_exempt = csrf_exempt
         return wrapped
 
     return decorate
@@ -96,6 +99,16 @@ async def quota(request):
         "max_tokens_per_request": limits.max_tokens_per_request,
         "models": [m for m in settings.SLUICE_MODELS if limits.allows_model(m, settings.SLUICE_MODELS)],
     })
+
+
+def csrf_failure(request, reason=""):
+    """CSRF_FAILURE_VIEW: JSON for the demo's /api/ endpoints, Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return ApiError("Your session expired or the page is stale: reload the page.", status=403,
+                        type="invalid_request_error", code="csrf_failed").response()
+    from django.views.csrf import csrf_failure as default
+
+    return default(request, reason)
 
 
 def server_error(request):
