@@ -59,6 +59,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (admin, demo) from the app itself, async, with or without collectstatic.
+    "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -134,6 +136,8 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# Serve from the apps' static folders when collectstatic has not been run (the demo, the tests).
+SERVESTATIC_USE_FINDERS = env_bool("SERVESTATIC_USE_FINDERS", True)
 
 # The upstream. No key and no base URL: the simulated upstream this same process serves.
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")

@@ -108,7 +108,7 @@ def _translate(exc: Exception) -> UpstreamError:
         if status == 404:
             return UpstreamError(404, "model_not_found", "The upstream provider does not serve this model.")
         return UpstreamError(400, "upstream_rejected", f"The upstream provider rejected the request (HTTP {status}).")
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
         return UpstreamError(504, "upstream_timeout", "The upstream provider did not answer in time.", retryable=True)
     if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError, OSError)):
         return UpstreamError(502, "upstream_unreachable", "Could not reach the upstream provider.", retryable=True)
