@@ -184,6 +184,9 @@ QUOTA_SLOT_TTL = env_float("QUOTA_SLOT_TTL", 30.0)
 QUOTA_RATE_FAIL_OPEN = env_bool("QUOTA_RATE_FAIL_OPEN", False)
 QUOTA_CONCURRENCY_FAIL_OPEN = env_bool("QUOTA_CONCURRENCY_FAIL_OPEN", False)
 
+# Bearer token for Prometheus at /metrics (staff sessions work too); empty: sessions only.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

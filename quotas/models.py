@@ -169,3 +169,63 @@ class DailyUsage(models.Model):
         verbose_name_plural = "daily usage"
         constraints = [models.UniqueConstraint(fields=["user", "model", "date"], name="one_rollup_per_day")]
         indexes = [models.Index(fields=["date"])]
+
+
+class AuditEntry(models.Model):
+    """Who changed an operator-controlled setting, when, and from what to what (docs/operations.md)."""
+
+    class Action(models.TextChoices):
+        CREATED = "created", "created"
+        LIMITS_CHANGED = "limits_changed", "limits changed"
+        PLAN_CHANGED = "plan_changed", "plan changed"
+        SUSPENDED = "suspended", "suspended"
+        UNSUSPENDED = "unsuspended", "unsuspended"
+        REMOVED = "removed", "removed"
+        WINDOW_RESET = "window_reset", "window reset"
+        KEY_CREATED = "key_created", "API key created"
+        KEY_REVOKED = "key_revoked", "API key revoked"
+
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    action = models.CharField(max_length=24, choices=Action.choices)
+    target_type = models.CharField(max_length=64)
+    target_id = models.CharField(max_length=64)
+    target_repr = models.CharField(max_length=200)
+    old = models.JSONField(null=True, blank=True)
+    new = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "audit entries"
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["target_type", "target_id"])]
+
+    def __str__(self):
+        return f"{self.get_action_display()}: {self.target_repr}"
+
+    @classmethod
+    def entry(cls, actor, action, target, old=None, new=None):
+        """An unsaved entry about `target` (a model instance), for `save()` or `bulk_create`."""
+        return cls(actor=actor, action=action, target_type=target._meta.label_lower, target_id=str(target.pk),
+                   target_repr=str(target)[:200], old=old, new=new)
+
+    @staticmethod
+    def values(obj, fields):
+        """The fields' values as JSON (a related object by its name)."""
+        values = {name: getattr(obj, name) for name in fields}
+        return {name: v if v is None or isinstance(v, (bool, int, str, list, dict)) else str(v)
+                for name, v in values.items()}
+
+    @classmethod
+    def for_save(cls, actor, before, after, fields):
+        """The entry for saving `after` over `before` (None: created); None when no field in `fields` changed."""
+        if before is None:
+            return cls.entry(actor, cls.Action.CREATED, after, new=cls.values(after, fields))
+        old, new = cls.values(before, fields), cls.values(after, fields)
+        changed = [name for name in fields if old[name] != new[name]]
+        if not changed:
+            return None
+        if changed == ["suspended"]:
+            action = cls.Action.SUSPENDED if after.suspended else cls.Action.UNSUSPENDED
+        else:
+            action = cls.Action.PLAN_CHANGED if changed == ["plan"] else cls.Action.LIMITS_CHANGED
+        return cls.entry(actor, action, after, {n: old[n] for n in changed}, {n: new[n] for n in changed})

@@ -1,3 +1,9 @@
 """Operator endpoints outside the admin (metrics)."""
 
-urlpatterns = []
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("metrics", views.metrics, name="metrics"),
+]

@@ -3,10 +3,15 @@
 import time
 
 active: dict[str, tuple] = {}
+# Called after a stream registers: the admin's live panel starts this process's publisher
+# (quotas.consumers), so streams show up whichever process a dashboard is connected to.
+listeners: list = []
 
 
 def register(exchange, figures):
     active[exchange.request_id] = (exchange, figures, time.monotonic())
+    for listener in listeners:
+        listener()
 
 
 def unregister(exchange):

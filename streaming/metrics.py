@@ -14,9 +14,17 @@ TTFT = Histogram("sluice_time_to_first_token_seconds", "Time to first token.",
                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
 
-def stream_finished(status, completion_tokens, figures):
+def stream_finished(status, completion_tokens, figures, ttft_seconds=None):
     STREAMS_FINISHED.labels(status).inc()
+    if ttft_seconds is not None:
+        TTFT.observe(ttft_seconds)
     if completion_tokens:
         TOKENS_STREAMED.inc(completion_tokens)
     if figures is not None and figures.pauses:
         BACKPRESSURE_PAUSES.inc(figures.pauses)
+
+
+# The admin's live panel (quotas/consumers.py).
+LIVE_PANEL_CLIENTS = Gauge("sluice_live_panel_clients", "Admin live-panel WebSockets open in this process.")
+LIVE_PANEL_DROPPED = Counter("sluice_live_panel_dropped_total",
+                             "Live-panel WebSockets closed because the browser stopped acknowledging snapshots.")
