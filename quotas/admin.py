@@ -6,7 +6,6 @@ who may use what is written to the audit trail. The usage dashboard and the chan
 figures are read in quotas/dashboard.py.
 """
 
-from asgiref.sync import async_to_sync
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
@@ -14,19 +13,17 @@ from django.contrib.admin import helpers
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.db import transaction
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Q
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timeuntil
 
-from . import dashboard
-from .dashboard import TOKENS
+from . import dashboard, operations
 from .models import ApiKey, AuditEntry, DailyUsage, Plan, Usage, UserQuota
 from .policy import LIMIT_FIELDS, Limits, calendar_windows
-from .services import window_specs
-from .store import StoreUnavailable, get_store
+from .store import StoreUnavailable
 
 Action = AuditEntry.Action
 User = get_user_model()
@@ -147,7 +144,7 @@ class UserQuotaAdmin(AuditedAdmin):
         form = ChangePlanForm(request.POST if "apply" in request.POST else None)
         if form.is_valid():
             plan = form.cleaned_data["plan"]
-            self.message_user(request, f"{set_plan(request.user, queryset, plan)} user(s) moved to {plan}.")
+            self.message_user(request, f"{operations.set_plan(request.user, queryset, plan)} user(s) moved to {plan}.")
             return None
         return TemplateResponse(request, "admin/quotas/userquota/change_plan.html", {
             **self.admin_site.each_context(request), "opts": self.opts, "title": "Change plan", "form": form,
@@ -156,72 +153,21 @@ class UserQuotaAdmin(AuditedAdmin):
 
     @admin.action(description="Suspend the selected users", permissions=["change"])
     def suspend(self, request, queryset):
-        self.message_user(request, f"{set_suspended(request.user, queryset, True)} user(s) suspended.")
+        self.message_user(request, f"{operations.set_suspended(request.user, queryset, True)} user(s) suspended.")
 
     @admin.action(description="Unsuspend the selected users", permissions=["change"])
     def unsuspend(self, request, queryset):
-        self.message_user(request, f"{set_suspended(request.user, queryset, False)} user(s) unsuspended.")
+        self.message_user(request, f"{operations.set_suspended(request.user, queryset, False)} user(s) unsuspended.")
 
     @admin.action(description="Reset the current day and month windows", permissions=["change"])
     def reset_windows(self, request, queryset):
         try:
-            count = reset_windows(request.user, queryset, timezone.now())
+            count = operations.reset_windows(request.user, queryset, timezone.now())
         except StoreUnavailable:
             self.message_user(request, "The ledger was reset but the counter store could not be reached: the "
                                        "old counts stay until it is reset again.", messages.ERROR)
         else:
             self.message_user(request, f"The current windows of {count} user(s) start afresh.")
-
-
-@transaction.atomic
-def set_plan(actor, quotas, plan):
-    moving = [q for q in quotas.select_related("user", "plan") if q.plan_id != plan.pk]
-    UserQuota.objects.filter(pk__in=[q.pk for q in moving]).update(plan=plan)
-    AuditEntry.objects.bulk_create(
-        AuditEntry.entry(actor, Action.PLAN_CHANGED, q, {"plan": q.plan.name}, {"plan": plan.name}) for q in moving)
-    return len(moving)
-
-
-@transaction.atomic
-def set_suspended(actor, quotas, suspended):
-    changing = list(quotas.filter(suspended=not suspended).select_related("user", "plan"))
-    UserQuota.objects.filter(pk__in=[q.pk for q in changing]).update(suspended=suspended)
-    action = Action.SUSPENDED if suspended else Action.UNSUSPENDED
-    AuditEntry.objects.bulk_create(
-        AuditEntry.entry(actor, action, q, {"suspended": not suspended}, {"suspended": suspended}) for q in changing)
-    return len(changing)
-
-
-def reset_windows(actor, quotas, now):
-    """Start each user's current day and month afresh: their finished ledger rows stop counting and
-    the window records are dropped from the counter store, to be rebuilt from the ledger.
-
-    Streams still running keep their rows counted: a rebuilt window holds their leases.
-    """
-    keys, entries = [], []
-    with transaction.atomic():
-        for quota in quotas.select_related("user", "plan"):
-            windows, specs = window_specs(quota.user_id, Limits.combine(quota.plan, quota), now)
-            day, month = windows
-            rows = (Usage.objects.filter(user_id=quota.user_id, counted=True)
-                    .exclude(status=Usage.Status.STREAMING).filter(Q(day=day.start.date()) | Q(month=month.key)))
-            cleared = rows.aggregate(used_today=Sum(TOKENS, filter=Q(day=day.start.date()), default=0),
-                                     used_this_month=Sum(TOKENS, filter=Q(month=month.key), default=0))
-            rows.update(counted=False)
-            keys += [spec.key for spec in specs]
-            entries.append(AuditEntry.entry(actor, Action.WINDOW_RESET, quota, {"day": day.key, "month": month.key,
-                                                                                **cleared},
-                                            {"used_today": 0, "used_this_month": 0}))
-        AuditEntry.objects.bulk_create(entries)
-    # After the commit, so that a window rebuilt meanwhile already sees the rows uncounted.
-    async_to_sync(_drop_records)(keys)
-    return len(entries)
-
-
-async def _drop_records(keys):
-    store = get_store()
-    for key in keys:
-        await store.delete(key)
 
 
 # API keys --------------------------------------------------------------------------------------
