@@ -96,7 +96,9 @@ DATABASES = {
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes (tests, a second server) share the file: wait for locks instead of failing.
-    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    # WAL: readers never wait for the writer, and a commit costs no fsync of the whole file.
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE",
+                                       "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
     # A file (not :memory:), so the gateway processes a test starts share it; one per test run.
     DATABASES["default"]["TEST"] = {"NAME": os.environ.get("SLUICE_TEST_SQLITE", f"/tmp/sluice-test-{os.getpid()}.sqlite3")}
 else:
@@ -180,6 +182,8 @@ UPSTREAM_LIMIT_FAIL_OPEN = env_bool("UPSTREAM_LIMIT_FAIL_OPEN", True)
 
 # Quotas (docs/quotas.md).
 QUOTA_LEASE_BLOCK_TOKENS = env_int("QUOTA_LEASE_BLOCK_TOKENS", 32)
+# Each further lease of a stream doubles its block, up to this (and never past its max_tokens).
+QUOTA_LEASE_MAX_BLOCK_TOKENS = env_int("QUOTA_LEASE_MAX_BLOCK_TOKENS", 512)
 QUOTA_SLOT_TTL = env_float("QUOTA_SLOT_TTL", 30.0)
 QUOTA_RATE_FAIL_OPEN = env_bool("QUOTA_RATE_FAIL_OPEN", False)
 QUOTA_CONCURRENCY_FAIL_OPEN = env_bool("QUOTA_CONCURRENCY_FAIL_OPEN", False)

@@ -80,11 +80,8 @@ class ThrottleMiddleware:
             raise
         response["x-request-id"] = caller.request_id
         await self._add_headers(response, caller)
-        if caller.slot_key is None:
-            return response
-        if response.streaming:
-            response.streaming_content = self._release_after(response.streaming_content, caller)
-        else:
+        # A stream gives its slot back when it settles (streaming/exchange.py), however it ends.
+        if not response.streaming:
             await services.release_slot(caller.slot_key, caller.request_id)
         return response
 
@@ -113,14 +110,6 @@ class ThrottleMiddleware:
                                           model="", code=error.code, limits=limits)
             raise
         return caller
-
-    async def _release_after(self, content, caller):
-        # Django closes this generator when the client goes away, so the slot is freed then too.
-        try:
-            async for chunk in content:
-                yield chunk
-        finally:
-            await services.release_slot(caller.slot_key, caller.request_id)
 
     async def _add_headers(self, response, caller):
         limits = caller.limits

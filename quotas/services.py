@@ -153,6 +153,7 @@ class TokenLease:
         self.limits_read_at = time.monotonic()
         self.settled = False
         self.remaining = None  # in the tightest window, after the last lease
+        self.block = settings.QUOTA_LEASE_BLOCK_TOKENS
 
     @property
     def completion_leased(self):
@@ -206,8 +207,11 @@ class TokenLease:
         """Make sure `tokens` more completion tokens are covered; False when the quota is spent."""
         if time.monotonic() - self.limits_read_at > LIMITS_REFRESH_SECONDS:
             await self._refresh_limits()
-        # Lease a block at a time: at most one store round trip per block of tokens.
-        want = max(tokens, settings.QUOTA_LEASE_BLOCK_TOKENS)
+        # A block at a time, doubling as the stream proves long (one store round trip per block),
+        # never more than the stream may still use: a long stream makes few round trips, and a
+        # short one holds little that other streams of the user cannot have.
+        self.block = min(self.block * 2, settings.QUOTA_LEASE_MAX_BLOCK_TOKENS)
+        want = max(tokens, min(self.block, self.max_tokens - self.completion_leased))
         granted = await self._lease(want)
         if granted >= tokens:
             return True

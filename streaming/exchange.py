@@ -11,7 +11,7 @@ from quotas import services
 from quotas.models import Usage
 from quotas.policy import estimate_prompt_tokens
 
-from . import upstream
+from . import resilience, upstream
 from .errors import ApiError
 
 logger = logging.getLogger(__name__)
@@ -65,14 +65,14 @@ class Exchange:
 
     async def open_stream(self):
         try:
-            return await upstream.open_stream(self.url, self.upstream_body(), self.request_id)
+            return await resilience.open_stream(self.url, self.upstream_body(), self.request_id, self.caller.user_id)
         except BaseException as exc:
             await self.fail_before_first_byte(exc)
             raise
 
     async def complete(self) -> bytes:
         try:
-            return await upstream.complete(self.url, self.upstream_body(), self.request_id)
+            return await resilience.complete(self.url, self.upstream_body(), self.request_id, self.caller.user_id)
         except BaseException as exc:
             await self.fail_before_first_byte(exc)
             raise
@@ -123,4 +123,5 @@ class Exchange:
             await services.release_slot(self.caller.slot_key, self.request_id)
         from . import metrics
 
-        metrics.stream_finished(status, completion_tokens, figures)
+        ttft = figures.first_token_at - self.started if figures is not None and figures.first_token_at else None
+        metrics.stream_finished(status, completion_tokens, figures, ttft)

@@ -138,6 +138,8 @@ class Relay:
         self.reported_usage = None
         self.started = time.monotonic()
         self.yield_started = None
+        self.draining = False  # [DONE] came; the pump reads the rest of the provider's body
+        self.reason = ""  # for the ledger: the error code that ended the stream
 
     def is_paused(self):
         started = self.yield_started
@@ -151,10 +153,15 @@ class Relay:
         final = b""
         try:
             async for data in self.events:
+                if self.draining:
+                    continue
                 if data == b"[DONE]":
-                    final = DONE
                     self.outcome = self.outcome or "completed"
-                    break
+                    # The client has its answer now; read the body's end so the provider's connection
+                    # goes back to the pool instead of being closed mid-response.
+                    self.draining = True
+                    self.buffer.end(DONE)
+                    continue
                 chunk = json.loads(data)
                 if "error" in chunk:
                     # The provider failed mid-answer; its message may name internals, so use ours.
@@ -189,11 +196,13 @@ class Relay:
                     continue  # Sluice always asks for usage; the client gets it only if it asked
                 await self.buffer.put(b"data: " + data + b"\n\n")
             else:
-                if self.outcome is None:
+                if not self.draining:
                     self.outcome = "upstream_error"
                     final = ApiError("The upstream provider ended the answer early.", status=502,
                                      type="server_error", code="upstream_error").sse_event()
         except UpstreamError as error:
+            if self.draining:  # the answer was complete; only its tail failed
+                return
             self.outcome = "upstream_error"
             final = ApiError(error.message, status=error.status, type="server_error", code=error.code).sse_event()
         except ApiError as error:  # the quota store failed closed mid-stream
@@ -207,11 +216,13 @@ class Relay:
         finally:
             # Stop the provider now: don't wait for the client to drain the buffer.
             await self.events.aclose()
-        self.buffer.end(final)
+        if not self.buffer.ended:
+            self.buffer.end(final)
 
     async def _watch(self, handler):
         """Stall cut-off, maximum duration, and the lease and slot heartbeat."""
         stall, max_duration = settings.STREAM_STALL_TIMEOUT, settings.STREAM_MAX_DURATION
+        first_token_timeout = settings.UPSTREAM_FIRST_TOKEN_TIMEOUT
         renew_every = settings.QUOTA_SLOT_TTL / 3
         tick = max(0.05, min(1.0, stall / 4, renew_every))
         renewed = time.monotonic()
@@ -226,15 +237,28 @@ class Relay:
                 await self._shutdown("client_stalled")
                 handler.cancel()  # unblocks the server's send and ends the response
                 return
-            if now - self.started > max_duration and not self.buffer.ended:
-                self.outcome = "completed"
-                self._pump_task.cancel()
-                await self.events.aclose()
-                self.buffer.end(ApiError(f"The stream reached its maximum duration of {max_duration:g} s.",
-                                         status=408, type="server_error", code="stream_timeout").sse_event())
+            if self.buffer.ended:
+                pass
+            elif self.figures.first_token_at is None and now - self.exchange.started > first_token_timeout:
+                # The provider answered but sent no token in time (slow providers get heartbeats meanwhile).
+                await self._end_early("upstream_error", ApiError(
+                    f"The upstream provider sent no first token within {first_token_timeout:g} s.", status=504,
+                    type="server_error", code="upstream_timeout"))
+            elif now - self.started > max_duration:
+                await self._end_early("completed", ApiError(
+                    f"The stream reached its maximum duration of {max_duration:g} s.", status=408,
+                    type="server_error", code="stream_timeout"))
             if now - renewed > renew_every:
                 renewed = now
                 await self.exchange.renew()
+
+    async def _end_early(self, outcome, error):
+        """Stop the provider and end the client's stream with `error` as its last event."""
+        self.outcome, self.reason = outcome, error.code
+        self._pump_task.cancel()
+        await self.events.aclose()
+        if not self.buffer.ended:
+            self.buffer.end(error.sse_event())
 
     async def stream(self):
         exchange, figures, buffer = self.exchange, self.figures, self.buffer
@@ -272,6 +296,9 @@ class Relay:
 
     async def _shutdown(self, outcome):
         """Stop reading the provider, close its stream, and settle. Idempotent."""
+        if self.draining:
+            # The body's end follows [DONE] at once from a well-behaved provider: let the pump read it.
+            await asyncio.wait([self._pump_task], timeout=0.25)
         self._pump_task.cancel()
         live.unregister(self.exchange)
         try:
@@ -280,4 +307,4 @@ class Relay:
         finally:
             self.buffer.discard()
             await self.events.aclose()
-            await self.exchange.finish(outcome, self.figures, self.reported_usage)
+            await self.exchange.finish(outcome, self.figures, self.reported_usage, reason=self.reason)

@@ -8,6 +8,7 @@ reach the client as the provider wrote them, without a parse-and-reserialise rou
 
 import email.utils
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import httpx2
@@ -124,22 +125,21 @@ class EventStream:
         self.closed = False
 
     async def __aiter__(self):
-        buffer = b""
-        try:
-            async for piece in self._response.http_response.aiter_bytes():
-                buffer += piece
-                if b"\r" in buffer:
-                    buffer = buffer.replace(b"\r\n", b"\n")
-                while True:
-                    end = buffer.find(b"\n\n")
-                    if end < 0:
-                        break
-                    event, buffer = buffer[:end], buffer[end + 2 :]
-                    for line in event.split(b"\n"):
-                        if line.startswith(b"data:"):
-                            yield line[5:].strip()
-        except (httpx2.HTTPError, OSError) as exc:
-            raise _translate(exc) from exc
+        # aclosing: a consumer that stops early must not leave the byte iterator suspended.
+        async with aclosing(self._response.http_response.aiter_bytes()) as pieces:
+            buffer = b""
+            try:
+                async for piece in pieces:
+                    buffer += piece
+                    if b"\r" in buffer:
+                        buffer = buffer.replace(b"\r\n", b"\n")
+                    while (end := buffer.find(b"\n\n")) >= 0:
+                        event, buffer = buffer[:end], buffer[end + 2 :]
+                        for line in event.split(b"\n"):
+                            if line.startswith(b"data:"):
+                                yield line[5:].strip()
+            except (httpx2.HTTPError, OSError) as exc:
+                raise _translate(exc) from exc
 
     async def aclose(self):
         """Close the connection: the provider sees it and stops generating."""

@@ -45,8 +45,12 @@ def server_env(**overrides):
         "OPENAI_API_KEY": "",
         "OPENAI_BASE_URL": "",
         "LOG_LEVEL": "WARNING",
-        # Fast heartbeats and lease renewals, so the tests see them quickly.
+        # Fast heartbeats, so the tests see them quickly.
         "STREAM_HEARTBEAT_INTERVAL": "1",
+        # Tests that make the upstream fail must not open the session gateway's breaker for the next
+        # tests, nor wait long for retries; tests/streaming/test_resilience.py sets its own.
+        "UPSTREAM_BREAKER_THRESHOLD": "0",
+        "UPSTREAM_RETRY_DEADLINE": "2",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return env

@@ -101,3 +101,69 @@ class CounterStore:
     async def delete(self, key: str) -> None:
         """Drop a record (an operator's reset of a window; slots)."""
         raise NotImplementedError
+
+    # The shared upstream limit and circuit breaker (streaming/resilience/, docs/resilience.md) -----------------
+    # One record per upstream, holding its adaptive (AIMD) limit, its permits (holder -> expiry, like slots),
+    # and its breaker (consecutive failures, open-until, the half-open probe's holder).
+
+    async def acquire_permit(self, key: str, holder: str, policy: "PermitPolicy", now: float) -> "PermitResult":
+        """Take a permit to call the upstream, unless its breaker is open or floor(limit) permits are held.
+
+        OPEN while the breaker cools down (retry_after_seconds: until it ends), and while it is half-open and
+        another holder's probe is running; once the cooldown is over the first caller gets the permit as the
+        one probe (`probe=True`). FULL when floor(limit) unexpired permits are held (expired ones are dropped
+        first); `policy.max_limit == 0` means no limit (nothing is counted: `active` is then 1). The limit starts
+        at `policy.max_limit`. Idempotent for one holder (it renews the expiry). Atomic.
+        """
+        raise NotImplementedError
+
+    async def release_permit(self, key: str, holder: str, outcome: str, limit_seen: float, policy: "PermitPolicy",
+                             now: float, keep: bool = False) -> float:
+        """Give the permit back (unless `keep`) and record the attempt's outcome; returns the new limit.
+
+        OK: limit += increase / limit, up to max_limit. THROTTLED (the upstream said 429): the limit becomes
+        min(limit, limit_seen × decrease_factor), at least min_limit — so the 429s of requests admitted under
+        one limit cut it once, not once each. Breaker, while closed: OK and THROTTLED reset the consecutive
+        failures, FAILED counts one and opens the breaker for the cooldown at `breaker_threshold`; while open
+        or half-open only the probe's outcome counts: OK or THROTTLED close it, FAILED reopens it, NONE lets
+        another request probe. NONE changes nothing else. Atomic; releasing a permit not held is harmless.
+        """
+        raise NotImplementedError
+
+    async def renew_permit(self, key: str, holder: str, ttl: float, now: float) -> bool:
+        """Heartbeat: push back the expiry of the holder's permit (and probe). False if it is not held."""
+        raise NotImplementedError
+
+
+PERMIT_ACQUIRED, PERMIT_FULL, PERMIT_OPEN = "acquired", "full", "open"
+OUTCOME_OK, OUTCOME_THROTTLED, OUTCOME_FAILED, OUTCOME_NONE = "ok", "throttled", "failed", "none"
+# Retry-After while a half-open breaker's probe is running.
+PROBE_RETRY_SECONDS = 1.0
+# The limit and breaker of an upstream nobody called for this long are forgotten (the limit restarts at its max).
+UPSTREAM_STATE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class PermitPolicy:
+    """The UPSTREAM_* settings the permit operations need, passed in so that tests choose them."""
+
+    min_limit: int
+    max_limit: int  # 0: no limit (permits are still recorded, the breaker still applies)
+    increase: float  # per success, divided by the limit: about +increase per round of `limit` successes
+    decrease_factor: float  # the share of the limit left after a 429
+    breaker_threshold: int  # consecutive failures that open the breaker; 0: it never opens
+    breaker_cooldown_seconds: float
+    ttl_seconds: float  # a permit not renewed (or released) within this frees itself
+
+    @property
+    def state_seconds(self) -> float:
+        return max(UPSTREAM_STATE_SECONDS, self.ttl_seconds, self.breaker_cooldown_seconds)
+
+
+@dataclass(frozen=True)
+class PermitResult:
+    status: str  # PERMIT_ACQUIRED, PERMIT_FULL or PERMIT_OPEN
+    limit: float  # the upstream's limit when the call ran (0: no limit)
+    active: int  # permits held after the call
+    retry_after_seconds: float = 0.0  # PERMIT_OPEN: until the breaker may let a request through
+    probe: bool = False  # acquired as the half-open breaker's one probe

@@ -9,6 +9,8 @@ import threading
 import time
 
 from .base import CounterStore, LeaseResult, RateResult, SlotResult
+from .base import (OUTCOME_FAILED, OUTCOME_OK, OUTCOME_THROTTLED, PERMIT_ACQUIRED, PERMIT_FULL, PERMIT_OPEN,
+                   PROBE_RETRY_SECONDS, PermitResult)
 
 
 class MemoryStore(CounterStore):
@@ -116,3 +118,84 @@ class MemoryStore(CounterStore):
             self._windows.pop(key, None)
             self._slots.pop(key, None)
             self._rates.pop(key, None)
+
+    # The shared upstream limit and circuit breaker (see the contract in base.py) ----------------------------
+
+    def _upstream(self, key, policy):
+        # {"limit": float, "fails": int, "open_until": float, "probe": (holder, expires) | None, "permits": {}}
+        # Created on first use: the permit operations were added after __init__'s counters.
+        upstreams = self.__dict__.setdefault("_upstreams", {})
+        record = upstreams.get(key)
+        if record is None:
+            record = upstreams[key] = {"limit": float(policy.max_limit), "fails": 0, "open_until": 0.0,
+                                             "probe": None, "permits": {}}
+        return record
+
+    async def acquire_permit(self, key, holder, policy, now):
+        with self._lock:
+            record = self._upstream(key, policy)
+            probe = False
+            if record["open_until"]:
+                if now < record["open_until"]:
+                    return PermitResult(PERMIT_OPEN, 0.0, 0, record["open_until"] - now)
+                running = record["probe"]
+                if running and running[0] != holder and running[1] > now:
+                    return PermitResult(PERMIT_OPEN, 0.0, 0, PROBE_RETRY_SECONDS)
+                probe = True
+            limit = record["limit"]
+            if policy.max_limit:
+                limit = max(policy.min_limit, min(policy.max_limit, limit))
+            permits = record["permits"]
+            if not policy.max_limit:  # nothing to count (as in Redis: no O(streams) scan per request)
+                permits[holder] = now + policy.ttl_seconds
+                if probe:
+                    record["probe"] = (holder, now + policy.ttl_seconds)
+                return PermitResult(PERMIT_ACQUIRED, limit, 1, probe=probe)
+            for other, expires in list(permits.items()):
+                if expires <= now:
+                    del permits[other]
+            others = len(permits) - (holder in permits)
+            if holder in permits or others < int(limit):
+                permits[holder] = now + policy.ttl_seconds
+                if probe:
+                    record["probe"] = (holder, now + policy.ttl_seconds)
+                return PermitResult(PERMIT_ACQUIRED, limit, others + 1, probe=probe)
+            return PermitResult(PERMIT_FULL, limit, others)
+
+    async def release_permit(self, key, holder, outcome, limit_seen, policy, now, keep=False):
+        with self._lock:
+            record = self._upstream(key, policy)
+            if not keep:
+                record["permits"].pop(holder, None)
+            limit = record["limit"]
+            if policy.max_limit:
+                if outcome == OUTCOME_OK:
+                    limit = min(policy.max_limit, limit + policy.increase / max(limit, 1.0))
+                elif outcome == OUTCOME_THROTTLED:
+                    limit = max(policy.min_limit, min(limit, limit_seen * policy.decrease_factor))
+                record["limit"] = limit
+            running = record["probe"]
+            if record["open_until"]:
+                if running and running[0] == holder and now >= record["open_until"]:
+                    record["probe"] = None
+                    if outcome in (OUTCOME_OK, OUTCOME_THROTTLED):
+                        record["open_until"], record["fails"] = 0.0, 0
+                    elif outcome == OUTCOME_FAILED:
+                        record["open_until"] = now + policy.breaker_cooldown_seconds
+            elif outcome in (OUTCOME_OK, OUTCOME_THROTTLED):
+                record["fails"] = 0
+            elif outcome == OUTCOME_FAILED and policy.breaker_threshold:
+                record["fails"] += 1
+                if record["fails"] >= policy.breaker_threshold:
+                    record["open_until"], record["fails"] = now + policy.breaker_cooldown_seconds, 0
+            return limit
+
+    async def renew_permit(self, key, holder, ttl, now):
+        with self._lock:
+            record = self.__dict__.get("_upstreams", {}).get(key)
+            if record is None or holder not in record["permits"]:
+                return False
+            record["permits"][holder] = now + ttl
+            if record["probe"] and record["probe"][0] == holder:
+                record["probe"] = (holder, now + ttl)
+            return True

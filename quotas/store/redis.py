@@ -10,6 +10,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .base import CounterStore, LeaseResult, RateResult, SlotResult, StoreUnavailable
+from .base import PROBE_RETRY_SECONDS, PermitResult
 
 # KEYS[1]=zset; ARGV: limit, window, now, member
 RATE = """
@@ -238,3 +239,131 @@ class RedisStore(CounterStore):
             await self.client.delete(key)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
+
+    # The shared upstream limit and circuit breaker (see the contract in base.py) ----------------------------
+
+    def _script(self, source):
+        # Registered on first use: the permit scripts were added after __init__'s.
+        scripts = self.__dict__.setdefault("_upstream_scripts", {})
+        if source not in scripts:
+            scripts[source] = self.client.register_script(source)
+        return scripts[source]
+
+    async def acquire_permit(self, key, holder, policy, now):
+        status, limit, active, retry_after, probe = await self._call(self._script(ACQUIRE_PERMIT), [key], [
+            holder, repr(now), policy.ttl_seconds, policy.min_limit, policy.max_limit, policy.state_seconds,
+            PROBE_RETRY_SECONDS])
+        return PermitResult(status.decode() if isinstance(status, bytes) else status, float(limit), int(active),
+                            float(retry_after), bool(probe))
+
+    async def release_permit(self, key, holder, outcome, limit_seen, policy, now, keep=False):
+        limit = await self._call(self._script(RELEASE_PERMIT), [key], [
+            holder, outcome, repr(float(limit_seen)), repr(now), policy.min_limit, policy.max_limit,
+            repr(float(policy.increase)), repr(float(policy.decrease_factor)), policy.breaker_threshold,
+            repr(float(policy.breaker_cooldown_seconds)), "1" if keep else "0", policy.state_seconds])
+        return float(limit)
+
+    async def renew_permit(self, key, holder, ttl, now):
+        return bool(await self._call(self._script(RENEW_PERMIT), [key], [holder, repr(now), ttl]))
+
+
+# The upstream record, one hash per upstream: "limit" (float), "fails", "open_until" (0 or absent: closed),
+# "probe" ("holder|expires" while half-open), and one "p:<holder>" = expires per permit.
+
+# KEYS[1] = upstream; ARGV: holder, now, ttl, min, max, state_seconds, probe_retry
+ACQUIRE_PERMIT = """
+local key, holder = KEYS[1], ARGV[1]
+local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local min_l, max_l = tonumber(ARGV[4]), tonumber(ARGV[5])
+local open_until = tonumber(redis.call('HGET', key, 'open_until') or '0')
+local probe = 0
+if open_until > 0 then
+  if now < open_until then return {'open', '0', 0, tostring(open_until - now), 0} end
+  local running = redis.call('HGET', key, 'probe')
+  if running then
+    local sep = string.find(running, '|', 1, true)
+    if string.sub(running, 1, sep - 1) ~= holder and tonumber(string.sub(running, sep + 1)) > now then
+      return {'open', '0', 0, ARGV[7], 0}
+    end
+  end
+  probe = 1
+end
+local limit = tonumber(redis.call('HGET', key, 'limit') or ARGV[5])
+if max_l > 0 then limit = math.max(min_l, math.min(max_l, limit)) end
+local mine = 'p:' .. holder
+local held, others = false, 0
+-- With no limit nothing needs counting: skip the scan (it would cost O(streams) per request).
+local all = {}
+if max_l > 0 then all = redis.call('HGETALL', key) end
+for i = 1, #all, 2 do
+  local field = all[i]
+  if string.sub(field, 1, 2) == 'p:' then
+    if tonumber(all[i + 1]) <= now then
+      redis.call('HDEL', key, field)
+    elseif field == mine then
+      held = true
+    else
+      others = others + 1
+    end
+  end
+end
+if held or max_l == 0 or others < math.floor(limit) then
+  redis.call('HSET', key, mine, tostring(now + ttl))
+  if probe == 1 then redis.call('HSET', key, 'probe', holder .. '|' .. tostring(now + ttl)) end
+  redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[6]) * 1000))
+  return {'acquired', tostring(limit), others + 1, '0', probe}
+end
+return {'full', tostring(limit), others, '0', 0}
+"""
+
+# KEYS[1] = upstream; ARGV: holder, outcome, limit_seen, now, min, max, increase, decrease_factor,
+# breaker_threshold, breaker_cooldown, keep, state_seconds
+RELEASE_PERMIT = """
+local key, holder, outcome = KEYS[1], ARGV[1], ARGV[2]
+local now, min_l, max_l = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local threshold, cooldown = tonumber(ARGV[9]), tonumber(ARGV[10])
+if ARGV[11] ~= '1' then redis.call('HDEL', key, 'p:' .. holder) end
+local limit = tonumber(redis.call('HGET', key, 'limit') or ARGV[6])
+if max_l > 0 then
+  if outcome == 'ok' then
+    limit = math.min(max_l, limit + tonumber(ARGV[7]) / math.max(limit, 1))
+  elseif outcome == 'throttled' then
+    limit = math.max(min_l, math.min(limit, tonumber(ARGV[3]) * tonumber(ARGV[8])))
+  end
+  redis.call('HSET', key, 'limit', tostring(limit))
+end
+local open_until = tonumber(redis.call('HGET', key, 'open_until') or '0')
+if open_until > 0 then
+  local running = redis.call('HGET', key, 'probe')
+  if running and string.sub(running, 1, string.find(running, '|', 1, true) - 1) == holder and now >= open_until then
+    redis.call('HDEL', key, 'probe')
+    if outcome == 'ok' or outcome == 'throttled' then
+      redis.call('HDEL', key, 'open_until')
+      redis.call('HSET', key, 'fails', 0)
+    elseif outcome == 'failed' then
+      redis.call('HSET', key, 'open_until', tostring(now + cooldown))
+    end
+  end
+elseif outcome == 'ok' or outcome == 'throttled' then
+  redis.call('HSET', key, 'fails', 0)
+elseif outcome == 'failed' and threshold > 0 then
+  if redis.call('HINCRBY', key, 'fails', 1) >= threshold then
+    redis.call('HSET', key, 'open_until', tostring(now + cooldown), 'fails', 0)
+  end
+end
+redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[12]) * 1000))
+return tostring(limit)
+"""
+
+# KEYS[1] = upstream; ARGV: holder, now, ttl
+RENEW_PERMIT = """
+local mine = 'p:' .. ARGV[1]
+if redis.call('HEXISTS', KEYS[1], mine) == 0 then return 0 end
+local expires = tostring(tonumber(ARGV[2]) + tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], mine, expires)
+local running = redis.call('HGET', KEYS[1], 'probe')
+if running and string.sub(running, 1, string.find(running, '|', 1, true) - 1) == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'probe', ARGV[1] .. '|' .. expires)
+end
+return 1
+"""

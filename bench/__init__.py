@@ -1,0 +1,1 @@
+"""Sluice's benchmarks: `python -m bench [gateway|backpressure|quotas ...]` (bench/README.md)."""

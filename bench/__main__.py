@@ -1,0 +1,69 @@
+"""`python -m bench [gateway|backpressure|quotas|resilience ...] [--profile]`: run the benchmarks, print their tables.
+
+With no scenario named, all four run in turn (about six minutes on a 2-core machine). See bench/README.md.
+"""
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+
+import psutil
+
+from . import bench_backpressure, bench_gateway, bench_quotas, bench_resilience
+from .common import RESULTS_DIR, raise_nofile
+
+SCENARIOS = {"gateway": bench_gateway, "backpressure": bench_backpressure, "quotas": bench_quotas,
+             "resilience": bench_resilience}
+
+
+class Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"one or more of {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--profile", action="store_true",
+                        help="gateway: also profile the gateway with py-spy (pip install py-spy) and list the top costs")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}: choose from {', '.join(SCENARIOS)}")
+    names = args.scenarios or list(SCENARIOS)
+    # Everything printed also goes to bench/results/last-run.md (git-ignored).
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    sys.stdout = Tee(sys.stdout, open(RESULTS_DIR / "last-run.md", "w"))
+    soft, hard = raise_nofile()
+
+    print(f"# Sluice benchmarks, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(f"Python {platform.python_version()} on {platform.system()} {platform.release()}, "
+          f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
+          f"RLIMIT_NOFILE {soft}/{hard} (inherited by the servers started here).")
+    started = time.monotonic()
+    for name in names:
+        t0 = time.monotonic()
+        module = SCENARIOS[name]
+        if name == "gateway":
+            module.run(profile=args.profile)
+        else:
+            module.run()
+        print(f"\n({name}: {time.monotonic() - t0:.0f} s)", flush=True)
+    print(f"\nTotal: {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Backpressure: slow readers on three servers side by side, then 500 paced streams on one gateway process.
+
+1. Slow readers. 30 clients (SO_RCVBUF 4096 set before connect, 256 B read every 100 ms) each ask for a
+   2,000-token stream from an upstream that streams at full speed, with `token_padding` making each stream
+   tens of MB (far more than loopback's autotuned socket buffers on both hops). The same gateway app is served by
+   `python -m streaming.serve` (Daphne + backpressure), stock `python -m daphne` and `python -m uvicorn`. Over
+   SAMPLE_SECONDS it prints the gateway's RSS (a time series) and what the simulator's /stats says about the
+   upstream: bytes produced for these 30 requests, whether that still grows, and how many of its writes are
+   blocked right now (the upstream paused by backpressure).
+2. Many streams. 500 concurrent streams of 200 tokens at 20 tokens/s (10 s each) through one
+   `streaming.serve` process: errors, TTFT, the inter-token gaps seen by the clients minus the upstream's 50 ms,
+   the gateway's CPU per token and memory per stream ((peak RSS − idle RSS) / 500).
+"""
+
+import asyncio
+import time
+
+from .common import (
+    SERVER_LABELS, ProcessMonitor, SlowReader, bench_database, chat_body, fmt, gateway, gateway_env, log_exceptions,
+    mb, percentile, raise_nofile, say, simulator, stream_chat, summarize_errors, table, verdict,
+)
+
+PATH = "/v1/chat/completions"
+READERS = 30
+READER_TOKENS = 2000
+# Characters per token: a 2,000-token stream is ~32 MB. One stream alone had the upstream produce ~13 MB before
+# its write blocked (the gateway's receive buffer on the upstream hop autotunes up to tcp_rmem's 32 MB max).
+PADDING = 16000
+SAMPLE_AT = (0, 5, 10, 20, 30)
+TARGET_GROWTH_MB = 10
+
+MANY = 500
+MANY_LEVELS = (100, MANY)  # 100 streams first: the same pacing well below the process's capacity
+MANY_TOKENS = 200
+MANY_RATE = 20.0
+MANY_RAMP_SECONDS = 2.0  # the requests are sent evenly over this long
+MANY_DEADLINE = 60.0
+TARGET_ADDED_DELAY_MS = 50
+
+
+def upstream_view(stats, request_ids):
+    records = [r for r in stats["requests"] if r["client_request_id"] in request_ids]
+    return {
+        "requests": len(records),
+        "bytes": sum(r["bytes_sent"] for r in records),
+        "tokens": sum(r["tokens_sent"] for r in records),
+        "blocked_now": sum(bool(r.get("blocked_now")) for r in records),
+        "finished": sum(bool(r["finished"]) for r in records),
+        "disconnected": sum(bool(r["disconnected"]) for r in records),
+    }
+
+
+async def slow_readers(sim, port, api_key, monitor):
+    body = chat_body(READER_TOKENS)
+    readers = [SlowReader(port, PATH, body, api_key) for _ in range(READERS)]
+    started = time.monotonic()
+    tasks = [asyncio.create_task(reader.run()) for reader in readers]
+    series = []
+    try:
+        for at in SAMPLE_AT:
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            ids = {r.request_id for r in readers if r.request_id}
+            stats = await asyncio.to_thread(sim.stats)
+            series.append((at, monitor.rss(), upstream_view(stats, ids),
+                           sum(not r.closed_by_server for r in readers), sum(r.bytes_read for r in readers)))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return readers, series
+
+
+def run_slow_readers(db, sim):
+    results = {}
+    for kind in ("serve", "daphne", "uvicorn"):
+        sim.reset(token_padding=PADDING)
+        say(f"backpressure bench: {READERS} slow readers on {SERVER_LABELS[kind]} ({max(SAMPLE_AT)} s)")
+        with gateway(kind, gateway_env(db, sim.port)) as gw:
+            monitor = ProcessMonitor(gw.process.pid)
+            warm = asyncio.run(stream_chat(gw.port, PATH, chat_body(3), db.api_key))
+            if not warm.ok:
+                raise RuntimeError(f"{kind}: warm-up failed: {warm.error}\n{gw.stderr_text()[-3000:]}")
+            time.sleep(1.0)
+            idle = monitor.rss()
+            with monitor:
+                readers, series = asyncio.run(slow_readers(sim, gw.port, db.api_key, monitor))
+            results[kind] = {"idle": idle, "peak": monitor.peak, "series": series, "readers": readers,
+                             "exceptions": log_exceptions(gw.stderr_text(), f"backpressure-{kind}-stderr")}
+    sim.reset()
+    return results
+
+
+def report_slow_readers(results):
+    per_stream_mb = READER_TOKENS * (PADDING + 120) / 1e6
+    print(f"\n## Backpressure: {READERS} slow readers (SO_RCVBUF 4096, 256 B every 100 ms) on {READER_TOKENS}-token "
+          f"streams of ~{per_stream_mb:.0f} MB each, upstream at full speed\n")
+    rows = []
+    for kind, r in results.items():
+        series = r["series"]
+        rss = " / ".join(f"{mb(s[1] - r['idle']):+.1f}" for s in series)
+        last, before = series[-1][2], series[-2][2]
+        rows.append((
+            SERVER_LABELS[kind], f"{mb(r['idle']):.1f}", rss, f"{mb(r['peak'] - r['idle']):+.1f}",
+            f"{mb(last['bytes']):,.0f}", f"{mb(last['bytes'] - before['bytes']):+.1f}",
+            f"{last['blocked_now']}/{last['requests']}", last["finished"], f"{series[-1][3]}/{READERS}",
+            f"{series[-1][4] / 1e6:.2f}"))
+    times = "/".join(str(s[0]) for s in next(iter(results.values()))["series"])
+    print(table(["server", "idle RSS MB", f"RSS growth MB at t={times} s", "peak growth MB",
+                 f"upstream MB produced at {SAMPLE_AT[-1]} s", f"upstream MB in last {SAMPLE_AT[-1] - SAMPLE_AT[-2]} s",
+                 "upstream writes blocked now", "upstream streams finished", "readers still connected",
+                 "MB read by clients"], rows))
+    for kind, r in results.items():
+        closed = [x for x in r["readers"] if x.closed_by_server]
+        if closed or r["exceptions"]:
+            print(f"- {SERVER_LABELS[kind]}: {len(closed)} readers closed by the server"
+                  + (f" ({closed[0].error or 'EOF'})" if closed else "")
+                  + (f"; log: {r['exceptions']}" if r["exceptions"] else ""))
+    serve = results["serve"]
+    growth = mb(serve["peak"] - serve["idle"])
+    last, before = serve["series"][-1][2], serve["series"][-2][2]
+    paused = last["bytes"] == before["bytes"] and last["blocked_now"] == last["requests"] == READERS
+    stock = results["daphne"]
+    print("\nTargets:")
+    print(f"- streaming.serve: ≤ {TARGET_GROWTH_MB} MB RSS growth for {READERS} slow readers: {growth:+.1f} MB → "
+          f"{verdict(growth <= TARGET_GROWTH_MB)}; upstream paused (no bytes in the last "
+          f"{SAMPLE_AT[-1] - SAMPLE_AT[-2]} s, {last['blocked_now']}/{READERS} writes blocked) → {verdict(paused)}")
+    print(f"- stock Daphne grows: {mb(stock['peak'] - stock['idle']):+.1f} MB → "
+          f"{'as expected' if stock['peak'] - stock['idle'] > serve['peak'] - serve['idle'] + 50e6 else 'NOT as expected'}")
+
+
+async def many_streams(port, api_key, count):
+    body = chat_body(MANY_TOKENS)
+
+    async def one(i):
+        await asyncio.sleep(MANY_RAMP_SECONDS * i / count)
+        return await stream_chat(port, PATH, body, api_key, record_times=True)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    done, pending = await asyncio.wait(tasks, timeout=MANY_DEADLINE)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return [t.result() for t in tasks if t in done]
+
+
+def run_many(db, count):
+    say(f"backpressure bench: {count} streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s on one gateway")
+    with simulator(tokens_per_second=MANY_RATE) as sim:
+        with gateway("serve", gateway_env(db, sim.port)) as gw:
+            monitor = ProcessMonitor(gw.process.pid)
+            warm = asyncio.run(stream_chat(gw.port, PATH, chat_body(2), db.api_key))
+            if not warm.ok:
+                raise RuntimeError(f"warm-up failed: {warm.error}\n{gw.stderr_text()[-3000:]}")
+            time.sleep(1.0)
+            idle = monitor.rss()
+            cpu = monitor.cpu()
+            started = time.perf_counter()
+            with monitor:
+                results = asyncio.run(many_streams(gw.port, db.api_key, count))
+            wall = time.perf_counter() - started
+            cpu = monitor.cpu() - cpu
+            exceptions = log_exceptions(gw.stderr_text(), f"backpressure-{count}-stderr")
+    return {"count": count, "results": results, "idle": idle, "peak": monitor.peak, "cpu": cpu, "wall": wall,
+            "exceptions": exceptions}
+
+
+def many_row(m):
+    results, count = m["results"], m["count"]
+    ok = [r for r in results if r.ok and r.tokens == MANY_TOKENS]
+    interval = 1.0 / MANY_RATE
+    added, durations = [], []
+    for r in ok:
+        times = r.token_times
+        added.extend((b - a - interval) * 1000 for a, b in zip(times, times[1:]))
+        durations.append(times[-1] - times[0])
+    ttfts = [r.ttft * 1000 for r in ok]
+    tokens = sum(r.tokens for r in results)
+    # Streams in flight at once: the most [first token, end] intervals overlapping.
+    events = sorted([(r.first_token_at, 1) for r in ok] + [(r.ended_at, -1) for r in ok])
+    level = peak_level = 0
+    for _, step in events:
+        level += step
+        peak_level = max(peak_level, level)
+    cpu_us = m["cpu"] / tokens * 1e6 if tokens else None
+    return {
+        "count": count, "errors": count - len(ok), "peak_level": peak_level, "ttfts": ttfts, "added": added,
+        "durations": durations, "tokens_per_s": tokens / m["wall"], "cpu_us": cpu_us,
+        "cores_needed": cpu_us * count * MANY_RATE / 1e6 if cpu_us else None,
+        "error_kinds": summarize_errors(results), "unfinished": count - len(results),
+    }
+
+
+def report_many(runs):
+    expected = (MANY_TOKENS - 1) / MANY_RATE
+    print(f"\n## Many streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s (10 s each) through one streaming.serve "
+          f"process, requests sent over {MANY_RAMP_SECONDS:g} s\n")
+    rows, figures = [], []
+    for m in runs:
+        f = many_row(m)
+        figures.append(f)
+        added = f["added"]
+        rows.append((
+            f["count"], f["errors"], f["peak_level"], fmt(percentile(f["ttfts"], 50), ".0f"),
+            fmt(percentile(f["ttfts"], 99), ".0f"), fmt(percentile(added, 50), ".1f"),
+            fmt(percentile(added, 99), ".1f"), fmt(max(added, default=None), ".0f"),
+            f"{fmt(percentile(f['durations'], 50), '.2f')} ({expected:.2f})", f"{f['tokens_per_s']:,.0f}",
+            fmt(f["cpu_us"], ".0f"), fmt(f["cores_needed"], ".2f"), f"{mb(m['idle']):.1f}", f"{mb(m['peak']):.1f}",
+            f"{(m['peak'] - m['idle']) / f['count'] / 1e3:.0f}"))
+    print(table(
+        ["streams", "errors", "in flight (peak)", "TTFT p50 ms", "TTFT p99 ms", "added inter-token delay p50 ms",
+         "p99 ms", "max ms", "stream duration p50 s (paced)", "tokens/s", "gateway CPU µs/token",
+         "cores needed at that µs/token", "idle RSS MB", "peak RSS MB", "memory per stream KB"], rows))
+    for m, f in zip(runs, figures):
+        if f["errors"]:
+            print(f"\n{f['count']} streams, errors: {f['error_kinds']}"
+                  + (f"; {f['unfinished']} not finished within {MANY_DEADLINE:g} s" if f["unfinished"] else ""))
+        if m["exceptions"]:
+            print(f"{f['count']} streams, gateway log: {m['exceptions']}")
+    f = figures[-1]
+    p99 = percentile(f["added"], 99)
+    print("\nTargets (500 streams):")
+    print(f"- no errors: {f['errors']} → {verdict(f['errors'] == 0)}")
+    print(f"- p99 added inter-token delay ≤ {TARGET_ADDED_DELAY_MS} ms: {fmt(p99, '.1f')} ms → "
+          f"{verdict(p99 is not None and p99 <= TARGET_ADDED_DELAY_MS)}")
+
+
+def run():
+    raise_nofile()
+    with bench_database() as db:
+        with simulator() as sim:
+            slow = run_slow_readers(db, sim)
+        report_slow_readers(slow)
+        report_many([run_many(db, count) for count in MANY_LEVELS])

@@ -1,0 +1,179 @@
+"""Gateway overhead: the same streams direct to the simulated upstream and through the gateway.
+
+The simulator runs alone under Uvicorn (full speed); the gateway is `python -m streaming.serve` (Daphne with
+backpressure) on a temporary SQLite database with the in-process counter store. At 1, 50 and 200 concurrent
+streams of 200 tokens it prints TTFT p50/p99 (request sent → first content chunk), aggregate tokens/s, the
+gateway's CPU time per streamed token (psutil user+system of its pid over the run), its idle and peak RSS, and
+the gateway-vs-direct ratios. With --profile, a py-spy pass at 50 streams lists where the gateway's CPU goes.
+"""
+
+import asyncio
+import time
+
+import psutil
+
+from .common import (
+    ProcessMonitor, bench_database, chat_body, closed_loop, fmt, gateway, gateway_env, mb, percentile,
+    log_exceptions, print_profile, raise_nofile, say, simulator, start_profile, stream_chat, summarize_errors, table,
+    verdict,
+)
+
+TOKENS = 200
+# (concurrent streams, streams in all, tokens per stream, upstream tokens/s; 0 = full speed): each level runs a
+# few seconds on 2 cores.
+LEVELS = [(1, 60, TOKENS, 0), (50, 250, TOKENS, 0), (200, 600, TOKENS, 0)]
+# The same tokens as the 50-stream level in a fifth of the requests: CPU = per request × requests + per token × tokens.
+LONG_LEVEL = (50, 50, 1000, 0)
+# Paced like a model (one token per upstream event and per client write, no coalescing): 4 s streams.
+PACED_LEVEL = (50, 100, TOKENS, 50)
+WARMUP = 5
+TARGET_CPU_US_PER_TOKEN = 65
+TARGET_TTFT_ADDED_MS = 3
+TARGET_IDLE_RSS_MB = 120
+PATH = "/v1/chat/completions"
+
+
+def run_level(port, api_key, concurrency, total, tokens=TOKENS):
+    body = chat_body(tokens)
+    return asyncio.run(closed_loop(concurrency, total, lambda: stream_chat(port, PATH, body, api_key)))
+
+
+def measure(port, api_key, concurrency, total, per_stream, rate, gw_monitor, sim_monitor, me):
+    gw_cpu, sim_cpu, my_cpu = gw_monitor.cpu(), sim_monitor.cpu(), me.cpu_times()
+    gw_monitor.reset_peak()
+    results, wall = run_level(port, api_key, concurrency, total, per_stream)
+    my_after = me.cpu_times()
+    tokens = sum(r.tokens for r in results)
+    ttfts = [r.ttft * 1000 for r in results if r.ok and r.ttft is not None]
+    return {
+        "concurrency": concurrency, "streams": total, "per_stream": per_stream, "rate": rate, "wall": wall,
+        "tokens": tokens,
+        "gw_cpu": gw_monitor.cpu() - gw_cpu,
+        "errors": sum(not r.ok for r in results), "error_kinds": summarize_errors(results),
+        "short": sum(r.ok and r.tokens != per_stream for r in results),
+        "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+        "tokens_per_s": tokens / wall,
+        "gw_cpu_us": (gw_monitor.cpu() - gw_cpu) / tokens * 1e6 if tokens else None,
+        "sim_cpu_us": (sim_monitor.cpu() - sim_cpu) / tokens * 1e6 if tokens else None,
+        "client_cpu": ((my_after.user + my_after.system) - (my_cpu.user + my_cpu.system)) / wall * 100,
+        "gw_peak_rss": gw_monitor.peak,
+    }
+
+
+def run(profile=False):
+    raise_nofile()
+    me = psutil.Process()
+    rows, profiles = [], []
+    with bench_database() as db, simulator() as sim:
+        sim_monitor = ProcessMonitor(sim.pid)
+        with gateway("serve", gateway_env(db, sim.port)) as gw:
+            gw_monitor = ProcessMonitor(gw.process.pid)
+            time.sleep(1.0)
+            idle_cold = gw_monitor.rss()
+            warm = run_level(gw.port, db.api_key, 1, WARMUP)[0] + run_level(sim.port, None, 1, WARMUP)[0]
+            if not all(r.ok for r in warm):
+                raise RuntimeError(f"warm-up failed: {summarize_errors(warm)}\n{gw.stderr_text()[-3000:]}")
+            time.sleep(1.0)
+            idle_warm = gw_monitor.rss()
+            with gw_monitor:
+                for concurrency, total, per_stream, rate in [*LEVELS, LONG_LEVEL, PACED_LEVEL]:
+                    say(f"gateway bench: {concurrency} concurrent, {total} streams of {per_stream} tokens"
+                        + (f" at {rate} tokens/s" if rate else ""))
+                    sim.control(tokens_per_second=rate)
+                    args = (concurrency, total, per_stream, rate, gw_monitor, sim_monitor, me)
+                    rows.append((measure(sim.port, None, *args), measure(gw.port, db.api_key, *args)))
+                if profile:
+                    for concurrency, total, per_stream, rate in (LEVELS[0], PACED_LEVEL):
+                        label = f"{concurrency} concurrent {per_stream}-token streams" + (
+                            f" at {rate} tokens/s" if rate else " at full speed")
+                        say(f"gateway bench: py-spy profile, {label}")
+                        sim.control(tokens_per_second=rate)
+                        out = profile_gateway(
+                            gw.process.pid, f"gateway-profile-{concurrency}{'-paced' if rate else ''}",
+                            lambda: run_level(gw.port, db.api_key, concurrency, min(total, concurrency), per_stream))
+                        if out is not None:
+                            profiles.append((label, out))
+                sim.control(tokens_per_second=0)
+            stderr = gw.stderr_text()
+    report(rows, idle_cold, idle_warm, stderr)
+    for label, out in profiles:
+        print_profile(out, f"py-spy profile of the gateway (GIL holder only), {label}")
+    return rows
+
+
+def profile_gateway(pid, name, load, seconds=8):
+    started = start_profile(pid, seconds, name)
+    if started is None:
+        say("py-spy not found: pip install py-spy")
+        return None
+    spy, out = started
+    time.sleep(0.5)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        load()
+    spy.wait(timeout=60)
+    if spy.returncode:
+        say(f"py-spy failed: {spy.stderr.read().decode()[-500:]}")
+        return None
+    return out
+
+
+def report(rows, idle_cold, idle_warm, stderr):
+    print(f"\n## Gateway overhead: {TOKENS}-token streams at full speed, direct vs through the gateway\n")
+    print(f"Gateway: `python -m streaming.serve` (Daphne + backpressure), SQLite, in-process store; "
+          f"idle RSS {mb(idle_cold):.1f} MB after start, {mb(idle_warm):.1f} MB after {WARMUP} warm-up requests.\n")
+    lines = []
+    everything = rows
+    rows, long_pair, paced_pair = rows[:-2], rows[-2], rows[-1]
+    for direct, through in everything:
+        for name, r in (("direct", direct), ("gateway", through)):
+            lines.append((
+                r["concurrency"], name,
+                f"{r['streams']} × {r['per_stream']}" + (f" @ {r['rate']}/s" if r["rate"] else ""), r["errors"], fmt(r["ttft_p50"], ".2f"), fmt(r["ttft_p99"], ".2f"),
+                f"{r['tokens_per_s']:,.0f}", fmt(r["gw_cpu_us"], ".1f") if name == "gateway" else "-",
+                fmt(r["sim_cpu_us"], ".1f"), f"{r['client_cpu']:.0f}",
+                f"{mb(r['gw_peak_rss']):.1f}" if name == "gateway" else "-"))
+        lines.append((
+            direct["concurrency"], "gw/direct", "", "",
+            f"{through['ttft_p50'] / direct['ttft_p50']:.1f}x (+{through['ttft_p50'] - direct['ttft_p50']:.2f})",
+            f"{through['ttft_p99'] / direct['ttft_p99']:.1f}x (+{through['ttft_p99'] - direct['ttft_p99']:.2f})",
+            f"{through['tokens_per_s'] / direct['tokens_per_s']:.2f}x", "", "", "", ""))
+    print(table(["streams in flight", "path", "streams × tokens", "errors", "TTFT p50 ms", "TTFT p99 ms", "tokens/s",
+                 "gateway CPU µs/token", "upstream CPU µs/token", "client CPU %", "gateway peak RSS MB"], lines))
+    errors = [f"{r['concurrency']} × {r['per_stream']} {name}: {r['error_kinds']}" for pair in everything
+              for name, r in zip(("direct", "gateway"), pair) if r["errors"]]
+    short = sum(r["short"] for pair in everything for r in pair)
+    if errors:
+        print("\nErrors: " + " | ".join(errors))
+    if short:
+        print(f"\n{short} completed streams had a token count other than asked for.")
+    # CPU = a × requests + b × tokens, from the two 50-stream levels (same tokens, a fifth of the requests).
+    short_run, long_run = rows[1][1], long_pair[1]
+    per_request = (short_run["gw_cpu"] - long_run["gw_cpu"] * short_run["tokens"] / long_run["tokens"]) / (
+        short_run["streams"] - long_run["streams"] * short_run["tokens"] / long_run["tokens"])
+    per_token = (long_run["gw_cpu"] - per_request * long_run["streams"]) / long_run["tokens"]
+    paced = paced_pair[1]
+    paced_per_token = (paced["gw_cpu"] - per_request * paced["streams"]) / paced["tokens"]
+    print(f"\nGateway CPU split (the two full-speed 50-stream levels, CPU = per request × requests + per token × "
+          f"tokens): {per_request * 1000:.1f} ms per request + {per_token * 1e6:.0f} µs per token at full speed "
+          f"(several upstream events per read and per client write). Paced at {paced['rate']} tokens/s, with the "
+          f"same per-request cost: {paced_per_token * 1e6:.0f} µs per token.")
+    worst_cpu = max(through["gw_cpu_us"] for _, through in rows)
+    one = rows[0]
+    added = one[1]["ttft_p50"] - one[0]["ttft_p50"]
+    print("\nTargets:")
+    print(f"- gateway CPU ≤ {TARGET_CPU_US_PER_TOKEN} µs per streamed token: "
+          + ", ".join(f"{t['gw_cpu_us']:.0f} µs at {t['concurrency']}" for _, t in rows)
+          + f" ({TOKENS}-token streams) → {verdict(worst_cpu <= TARGET_CPU_US_PER_TOKEN)}; "
+          f"{long_pair[1]['gw_cpu_us']:.0f} µs with {long_pair[1]['per_stream']}-token streams → "
+          f"{verdict(long_pair[1]['gw_cpu_us'] <= TARGET_CPU_US_PER_TOKEN)}; {paced['gw_cpu_us']:.0f} µs paced at "
+          f"{paced['rate']} tokens/s → {verdict(paced['gw_cpu_us'] <= TARGET_CPU_US_PER_TOKEN)}; marginal cost per "
+          f"token {per_token * 1e6:.0f} µs at full speed → {verdict(per_token * 1e6 <= TARGET_CPU_US_PER_TOKEN)}, "
+          f"{paced_per_token * 1e6:.0f} µs paced → {verdict(paced_per_token * 1e6 <= TARGET_CPU_US_PER_TOKEN)}")
+    print(f"- TTFT added ≤ {TARGET_TTFT_ADDED_MS} ms p50 at one stream: +{added:.2f} ms → "
+          f"{verdict(added <= TARGET_TTFT_ADDED_MS)}")
+    print(f"- idle RSS ≤ {TARGET_IDLE_RSS_MB} MB: {mb(idle_cold):.1f} MB after start, {mb(idle_warm):.1f} MB warm → "
+          f"{verdict(max(idle_cold, idle_warm) / 1e6 <= TARGET_IDLE_RSS_MB)}")
+    exceptions = log_exceptions(stderr, "gateway-stderr")
+    if exceptions:
+        print(f"\nExceptions in the gateway's log (bench/results/gateway-stderr.log): {exceptions}")

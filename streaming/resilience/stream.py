@@ -1,0 +1,154 @@
+"""An upstream stream opened up to its first token, and the permit it holds until it closes.
+
+The gateway answers the client only once the first token is in (docs/resilience.md): until then nothing has
+reached the client, so a provider that fails, stalls or ends early is simply asked again. The first-token timeout
+aborts the request — the read it cancels must not survive. After the first token, no read is ever cancelled by a
+timer here: silence between chunks is the HTTP client's read timeout (UPSTREAM_IDLE_TIMEOUT).
+"""
+
+import asyncio
+import json
+import time
+from collections import deque
+
+from django.conf import settings
+
+from quotas.store.base import OUTCOME_FAILED, OUTCOME_OK
+
+from .. import upstream
+from ..upstream import UpstreamError
+
+PRELUDE, CONTENT, ERROR = "prelude", "content", "error"
+CONTENT_FIELDS = ("content", "reasoning_content", "refusal", "tool_calls", "function_call")
+
+
+def event_kind(data: bytes) -> str:
+    """PRELUDE (a role-only chunk), CONTENT (the answer has begun, or ended) or ERROR (an error event)."""
+    if data == b"[DONE]":
+        return CONTENT
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return CONTENT  # not ours to judge: the relay reports it
+    if not isinstance(chunk, dict):
+        return CONTENT
+    if "error" in chunk:
+        return ERROR
+    if chunk.get("usage"):
+        return CONTENT
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if choice.get("finish_reason") or any(delta.get(name) for name in CONTENT_FIELDS):
+            return CONTENT
+    return PRELUDE
+
+
+async def open_to_first_token(url, body, request_id, timeout_seconds, commit_after_seconds):
+    """(events, iterator, events read so far, pending read) once the first content arrived; retryable errors
+    otherwise.
+
+    A provider slower than `commit_after_seconds` (the heartbeat interval) is not held against the client: the
+    stream is returned with its read still pending (never cancelled), the client gets its headers and heartbeats,
+    and the rest of the first-token timeout is the relay's (streaming/relay.py).
+    """
+    events = pending = None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_seconds
+    commit_at = loop.time() + commit_after_seconds
+    try:
+        async with asyncio.timeout_at(deadline):
+            events = await upstream.open_stream(url, body, request_id)
+        iterator = aiter(events)
+        seen = []
+        while True:
+            pending = asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait([pending], timeout=max(0.0, min(deadline, commit_at) - loop.time()))
+            if not done:
+                if loop.time() >= deadline:
+                    raise TimeoutError
+                return events, iterator, seen, pending
+            try:
+                data = pending.result()
+            except StopAsyncIteration:
+                raise UpstreamError(502, "upstream_error", "The upstream provider ended the answer before "
+                                    "its first token.", retryable=True) from None
+            pending = None
+            seen.append(data)
+            kind = event_kind(data)
+            if kind == CONTENT:
+                return events, iterator, seen, None
+            if kind == ERROR:
+                raise UpstreamError(502, "upstream_error", "The upstream provider failed before its first token.",
+                                    retryable=True)
+    except BaseException as exc:
+        if pending is not None:
+            pending.cancel()
+        if events is not None:
+            await asyncio.shield(events.aclose())
+        if isinstance(exc, TimeoutError):
+            raise UpstreamError(504, "upstream_timeout", f"The upstream provider sent no first token within "
+                                f"{timeout_seconds:g} s.", retryable=True) from None
+        raise
+
+
+class GuardedStream:
+    """The upstream's events (those read before the first token first), holding the permit until `aclose`.
+
+    The permit is renewed as events flow (one store call per third of its TTL, never per token) and given back
+    with the stream's outcome: ok once [DONE] came or the gateway stopped reading; failed if the provider broke
+    off or sent an error event.
+    """
+
+    def __init__(self, events, iterator, seen, permit, pending=None):
+        self._events = events
+        self._iterator = iterator
+        self._seen = deque(seen)
+        self._pending = pending  # a read begun before the response was committed
+        self._permit = permit
+        self._renew_every = settings.UPSTREAM_PERMIT_TTL / 3
+        self._renew_at = time.monotonic() + self._renew_every
+        self.outcome = None
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._seen:
+            return self._note(self._seen.popleft())
+        try:
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                data = await pending
+            else:
+                data = await anext(self._iterator)
+        except StopAsyncIteration:
+            self.outcome = self.outcome or OUTCOME_FAILED  # ended without [DONE]
+            raise
+        except UpstreamError:
+            self.outcome = OUTCOME_FAILED
+            raise
+        now = time.monotonic()
+        if now >= self._renew_at:
+            self._renew_at = now + self._renew_every
+            await self._permit.renew()
+        return self._note(data)
+
+    def _note(self, data):
+        if data == b"[DONE]":
+            self.outcome = OUTCOME_OK
+        elif data.find(b'"error"', 0, 16) >= 0:  # a chunk starts {"id": ...; an error event {"error": ...
+            self.outcome = OUTCOME_FAILED
+        return data
+
+    async def aclose(self):
+        """Close the provider's stream (it stops generating), then give the permit back."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._pending is not None:
+            self._pending.cancel()
+        try:
+            await self._events.aclose()
+        finally:
+            await self._permit.release(self.outcome or OUTCOME_OK)
