@@ -8,6 +8,26 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django_application = get_asgi_application()
 
+from django.conf import settings  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.test.utils import override_settings  # noqa: E402
+
+
+class APIHandler(ASGIHandler):
+    """Serves /v1/ with settings.API_MIDDLEWARE instead of settings.MIDDLEWARE.
+
+    Bearer-token requests need none of the browser middleware (sessions, auth, CSRF, messages), and
+    each of those is sync-only: two thread hops per request apiece, the largest part of a request's
+    CPU cost (docs/performance.md). Django builds a handler's chain from settings once, at start-up.
+    """
+
+    def load_middleware(self, is_async=False):
+        with override_settings(MIDDLEWARE=settings.API_MIDDLEWARE):
+            super().load_middleware(is_async)
+
+
+api_application = APIHandler()
+
 
 def _refuse_misconfiguration():
     """Daphne's and Uvicorn's command lines run no system checks (runserver does): run them here."""
@@ -26,7 +46,10 @@ from streaming import simulator, upstream  # noqa: E402
 
 
 async def http_application(scope, receive, send):
-    if upstream.uses_simulator() and scope["path"].startswith(upstream.SIMULATOR_PREFIX + "/"):
+    path = scope["path"]
+    if path.startswith("/v1/"):
+        return await api_application(scope, receive, send)
+    if upstream.uses_simulator() and path.startswith(upstream.SIMULATOR_PREFIX + "/"):
         scope = dict(scope, root_path=scope.get("root_path", "") + upstream.SIMULATOR_PREFIX)
         return await simulator.application(scope, receive, send)
     return await django_application(scope, receive, send)

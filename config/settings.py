@@ -70,6 +70,9 @@ MIDDLEWARE = [
     "quotas.middleware.ThrottleMiddleware",
 ]
 
+# /v1/ (bearer tokens, no cookies) runs this shorter, async-only chain (config/asgi.py APIHandler).
+API_MIDDLEWARE = ["quotas.middleware.ThrottleMiddleware"]
+
 ROOT_URLCONF = "config.urls"
 TEMPLATES = [
     {
