@@ -37,7 +37,15 @@ def check_settings(app_configs=None, **kwargs):
             "PostgreSQL is configured but REDIS_URL is not: each server process would keep its own counters.",
             hint="Set REDIS_URL so that every process shares the quotas, or run a single process on SQLite.",
             id="sluice.W001"))
-    for name in ("STREAM_BUFFER_BYTES", "STREAM_STALL_TIMEOUT", "QUOTA_LEASE_BLOCK_TOKENS", "QUOTA_SLOT_TTL"):
+    if not 0 < settings.UPSTREAM_AIMD_DECREASE_FACTOR < 1:
+        errors.append(Error("UPSTREAM_AIMD_DECREASE_FACTOR must be between 0 and 1.",
+                            hint="Unset it to use 0.5 (the limit halves on a 429).", id="sluice.E007"))
+    if settings.UPSTREAM_CONCURRENCY_MAX and settings.UPSTREAM_CONCURRENCY_MIN > settings.UPSTREAM_CONCURRENCY_MAX:
+        errors.append(Error("UPSTREAM_CONCURRENCY_MIN is above UPSTREAM_CONCURRENCY_MAX.",
+                            hint="Lower UPSTREAM_CONCURRENCY_MIN or raise UPSTREAM_CONCURRENCY_MAX.", id="sluice.E008"))
+    for name in ("STREAM_BUFFER_BYTES", "STREAM_STALL_TIMEOUT", "STREAM_MAX_DURATION", "STREAM_HEARTBEAT_INTERVAL",
+                 "QUOTA_LEASE_BLOCK_TOKENS", "QUOTA_SLOT_TTL", "UPSTREAM_FIRST_TOKEN_TIMEOUT", "UPSTREAM_IDLE_TIMEOUT",
+                 "UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_PERMIT_TTL"):
         if getattr(settings, name) <= 0:
             errors.append(Error(f"{name} must be positive.", hint=f"Unset {name} to use its default.",
                                 id="sluice.E006"))
