@@ -1,6 +1,5 @@
 """API key authentication for /v1/: `Authorization: Bearer sk-sluice-…`."""
 
-from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from streaming.errors import ApiError
@@ -19,20 +18,17 @@ async def authenticate(request) -> ApiKey:
     raw = raw.strip()
     if scheme.lower() != "bearer" or not raw:
         raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
-    # Look up by the hash (the unique index); the stored hash is compared in constant time.
-    key = await ApiKey.objects.select_related("user").filter(hashed_key=hash_key(raw)).afirst()
+    # Look up by the hash (the unique index); the stored hash is compared in constant time. The user's
+    # quota record and plan come in the same query: the middleware needs them next.
+    key = await (ApiKey.objects.select_related("user", "user__quota", "user__quota__plan")
+                 .filter(hashed_key=hash_key(raw)).afirst())
     if key is None or not key.matches(raw) or not key.user.is_active:
         raise unauthorized("Incorrect API key provided.")
     if not key.is_active:
         raise unauthorized("This API key has been revoked or has expired.")
-    await _touch(key)
-    return key
-
-
-@sync_to_async
-def _touch(key):
     # At most one write a minute per key.
     now = timezone.now()
     if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=now)
         key.last_used_at = now
+    return key

@@ -46,9 +46,13 @@ async def default_plan():
     return plan
 
 
-async def effective_limits(user_id) -> Limits:
-    """The user's plan with per-user overrides; users without a record get the default plan."""
-    quota = await UserQuota.objects.select_related("plan").filter(user_id=user_id).afirst()
+async def effective_limits(user_id, quota=None) -> Limits:
+    """The user's plan with per-user overrides; users without a record get the default plan.
+
+    `quota`: the user's UserQuota (with its plan) when the caller already has it.
+    """
+    if quota is None:
+        quota = await UserQuota.objects.select_related("plan").filter(user_id=user_id).afirst()
     if quota is not None:
         return Limits.combine(quota.plan, quota)
     return Limits.combine(await default_plan())
