@@ -25,6 +25,12 @@ class APIHandler(ASGIHandler):
         with override_settings(MIDDLEWARE=settings.API_MIDDLEWARE):
             super().load_middleware(is_async)
 
+    async def __call__(self, scope, receive, send):
+        # Without Django's per-request ThreadSensitiveContext, which starts a thread for each request: the API
+        # runs its queries on quotas/db.py's threads, and what is left for a "thread-sensitive" thread (the
+        # request_started/finished signal receivers) runs on asgiref's one long-lived thread.
+        await self.handle(scope, receive, send)
+
 
 api_application = APIHandler()
 

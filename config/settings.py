@@ -107,6 +107,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_sluice_{os.getpid()}"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Threads that run the gateway's queries and keep their connections (quotas/db.py): one on SQLite (a single
+# writer), a few on PostgreSQL.
+DB_THREADS = env_int("DB_THREADS", 1 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3" else 4)
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:

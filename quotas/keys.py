@@ -4,24 +4,31 @@ from django.utils import timezone
 
 from streaming.errors import ApiError
 
+from .db import database
 from .models import ApiKey, hash_key
+from .services import limits_of
 
 
 def unauthorized(message):
     return ApiError(message, status=401, type="invalid_request_error", code="invalid_api_key")
 
 
-async def authenticate(request) -> ApiKey:
-    """The active key in the request's Authorization header (with its user), or a 401 ApiError."""
+async def authenticate(request):
+    """(the active key in the request's Authorization header, with its user; the user's limits), or a 401."""
     header = request.headers.get("Authorization", "")
     scheme, _, raw = header.partition(" ")
     raw = raw.strip()
     if scheme.lower() != "bearer" or not raw:
         raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
+    return await _look_up(raw)
+
+
+@database
+def _look_up(raw):
     # Look up by the hash (the unique index); the stored hash is compared in constant time. The user's
-    # quota record and plan come in the same query: the middleware needs them next.
-    key = await (ApiKey.objects.select_related("user", "user__quota", "user__quota__plan")
-                 .filter(hashed_key=hash_key(raw)).afirst())
+    # quota record and plan come in the same query: the limits are needed next.
+    key = (ApiKey.objects.select_related("user", "user__quota", "user__quota__plan")
+           .filter(hashed_key=hash_key(raw)).first())
     if key is None or not key.matches(raw) or not key.user.is_active:
         raise unauthorized("Incorrect API key provided.")
     if not key.is_active:
@@ -29,6 +36,6 @@ async def authenticate(request) -> ApiKey:
     # At most one write a minute per key.
     now = timezone.now()
     if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
-        await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=now)
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
         key.last_used_at = now
-    return key
+    return key, limits_of(getattr(key.user, "quota", None))

@@ -86,17 +86,15 @@ class ThrottleMiddleware:
         return response
 
     async def _admit(self, request, api: bool, completion: bool):
-        quota = None
         if api:
-            key = await keys.authenticate(request)
+            key, limits = await keys.authenticate(request)
             user_id, key_id, username = key.user_id, key.pk, key.user.get_username()
-            quota = getattr(key.user, "quota", None)  # fetched with the key
         else:
             user = await request.auser()
             if not user.is_authenticated:
                 return None
             user_id, key_id, username = user.pk, None, user.get_username()
-        limits = await services.effective_limits(user_id, quota)
+            limits = await services.effective_limits(user_id)
         caller = Caller(request_id=f"req_{uuid.uuid4().hex}", user_id=user_id, api_key_id=key_id, limits=limits,
                         username=username)
         if not completion:

@@ -9,13 +9,13 @@ import logging
 import time
 from datetime import timedelta
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
 from . import exceptions
+from .db import database
 from .models import DailyUsage, Plan, Usage, UserQuota
 from .policy import Limits, calendar_windows, clamp_max_tokens, first_lease
 from .store import StoreUnavailable, WindowSpec, get_store
@@ -39,23 +39,28 @@ def window_key(user_id, window):
     return user_key(user_id, f"{window.scope[0]}:{window.key}")
 
 
-async def default_plan():
-    plan = await Plan.objects.filter(is_default=True).afirst()
+def default_plan():
+    plan = Plan.objects.filter(is_default=True).first()
     if plan is None:
-        plan = (await Plan.objects.aget_or_create(name="default", defaults={"is_default": True}))[0]
+        plan = Plan.objects.get_or_create(name="default", defaults={"is_default": True})[0]
     return plan
 
 
-async def effective_limits(user_id, quota=None) -> Limits:
-    """The user's plan with per-user overrides; users without a record get the default plan.
-
-    `quota`: the user's UserQuota (with its plan) when the caller already has it.
-    """
-    if quota is None:
-        quota = await UserQuota.objects.select_related("plan").filter(user_id=user_id).afirst()
+def limits_of(quota) -> Limits:
+    """The limits of a user with this UserQuota (its plan fetched with it), or of one without (None)."""
     if quota is not None:
         return Limits.combine(quota.plan, quota)
-    return Limits.combine(await default_plan())
+    return Limits.combine(default_plan())
+
+
+@database
+def _user_limits(user_id) -> Limits:
+    return limits_of(UserQuota.objects.select_related("plan").filter(user_id=user_id).first())
+
+
+async def effective_limits(user_id) -> Limits:
+    """The user's plan with per-user overrides; users without a record get the default plan."""
+    return await _user_limits(user_id)
 
 
 async def hit_rate(user_id, limits: Limits, now: float):
@@ -115,7 +120,7 @@ def window_specs(user_id, limits: Limits, now_dt):
     return windows, specs
 
 
-@sync_to_async
+@database
 def _ledger_state(user_id, window, now_dt):
     """(used, {request_id: reserved}) of one window, from the ledger: what a missing record holds."""
     rows = Usage.objects.filter(user_id=user_id, counted=True)
@@ -280,18 +285,26 @@ async def quota_status(user_id, limits: Limits):
 # The ledger ------------------------------------------------------------------------------------
 
 
-@sync_to_async
-def open_ledger(*, request_id, user_id, api_key_id, model, stream, reserved_tokens, windows):
+def ledger_row(*, request_id, user_id, api_key_id, model, stream, reserved_tokens, windows) -> Usage:
+    """A request's ledger row, not yet saved (`open_ledger` inserts it, or `close_ledger` with its ending)."""
     day, month = windows
-    return Usage.objects.create(
+    return Usage(
         request_id=request_id, user_id=user_id, api_key_id=api_key_id, model=model, stream=stream,
         reserved_tokens=reserved_tokens, day=day.start.date(), month=month.key,
     )
 
 
-@sync_to_async
+@database
+def open_ledger(row: Usage):
+    """Insert the row of a running request (status `streaming`, holding its reservation)."""
+    row.save(force_insert=True)
+    return row
+
+
+@database
 def close_ledger(row: Usage, **fields):
-    """Settle the request's one row and its daily rollup, in one transaction."""
+    """Settle the request's one row (inserting it if it was never opened) and its daily rollup, in one
+    transaction."""
     fields.setdefault("ended_at", timezone.now())
     fields["reserved_tokens"] = 0
     for name, value in fields.items():
@@ -304,7 +317,7 @@ def close_ledger(row: Usage, **fields):
     return row
 
 
-@sync_to_async
+@database
 def record_refusal(*, request_id, user_id, api_key_id, model, code, limits):
     """A refused request gets its ledger row too (status `rejected`), for the operator's view."""
     now = timezone.now()

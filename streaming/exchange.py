@@ -25,7 +25,8 @@ class Exchange:
         self.username = self.caller.username
         self.url = upstream.base_url(request.scope)
         self.lease = services.TokenLease(self.caller.user_id, self.caller.limits, self.request_id, timezone.now())
-        self.row = None
+        self.row = None  # the ledger row: unsaved until record_start() or the settlement writes it
+        self._opening = None  # the task inserting it
         self.relay = None
         self.started = time.monotonic()
         self._finished = False
@@ -38,7 +39,7 @@ class Exchange:
                            status=404, param="model", code="model_not_found")
         prompt_tokens = estimate_prompt_tokens(chat.messages)
         plan_max = limits.max_tokens_per_request
-        self.row = await services.open_ledger(
+        self.row = services.ledger_row(
             request_id=self.request_id, user_id=self.caller.user_id, api_key_id=self.caller.api_key_id,
             model=chat.model, stream=chat.stream,
             reserved_tokens=prompt_tokens + min(chat.max_tokens or plan_max, plan_max),
@@ -50,6 +51,15 @@ class Exchange:
             self._finished = True
             raise
         self.caller.lease = self.lease
+
+    def record_start(self):
+        """Write the ledger row of a running stream (status `streaming`, holding its reservation).
+
+        The relay calls this at its watchdog's first tick (within a second), never on the first token's path; a
+        request that ends before (refused, failed, short or non-streaming) is written once, when it settles.
+        """
+        if self._opening is None and not self._finished:
+            self._opening = asyncio.ensure_future(services.open_ledger(self.row))
 
     def upstream_body(self):
         chat = self.chat
@@ -115,6 +125,11 @@ class Exchange:
                 paused_ms=int(figures.paused_seconds * 1000), peak_buffered_bytes=figures.peak_buffered_bytes,
                 time_to_first_token_ms=(int((figures.first_token_at - self.started) * 1000)
                                         if figures.first_token_at else None))
+        if self._opening is not None:
+            try:
+                await self._opening
+            except Exception:  # the settlement below inserts the row instead
+                logger.exception("could not write the ledger row of %s when it started", self.request_id)
         try:
             await services.close_ledger(self.row, **fields)
         finally:

@@ -228,6 +228,7 @@ class Relay:
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(tick)
+            self.exchange.record_start()
             now = time.monotonic()
             if self.yield_started is not None and now - self.yield_started > stall:
                 logger.info("client stalled for %.0f s: cutting off %s", stall, self.exchange.request_id)
@@ -268,8 +269,9 @@ class Relay:
         heartbeat = settings.STREAM_HEARTBEAT_INTERVAL
         delivered_end = False
         try:
-            if not buffer.parts:
-                # Flush the response headers now (some servers send them with the first body bytes).
+            if self.events.awaiting_first_token:
+                # A slow provider: flush the response headers now (some servers send them with the first body
+                # bytes), heartbeats follow. Otherwise the first token is in and is the first write.
                 yield OPENED
             while True:
                 waiting_first = figures.first_token_at is None

@@ -29,6 +29,17 @@ SERVERS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _database_threads(django_db_setup, django_db_blocker):
+    """Close the connections of quotas/db.py's threads (code the tests run in-process) before the test database
+    is dropped: PostgreSQL refuses to drop a database that still has sessions."""
+    yield
+    from quotas import db
+
+    with django_db_blocker.unblock():
+        db.close_connections()
+
+
 def database_url():
     db = connection.settings_dict
     if connection.vendor == "sqlite":

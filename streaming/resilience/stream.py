@@ -110,6 +110,11 @@ class GuardedStream:
         self.outcome = None
         self.closed = False
 
+    @property
+    def awaiting_first_token(self) -> bool:
+        """True when the stream was handed over before its first token (a slow provider)."""
+        return self._pending is not None
+
     def __aiter__(self):
         return self
 

@@ -1,0 +1,80 @@
+"""The ORM from async code, on a few long-lived threads that keep their database connections.
+
+Django's async ORM methods (`afirst`, `acreate`, …) and `sync_to_async` run on the request's own thread under
+the ASGI handler (`ThreadSensitiveContext`): a new thread per request, hence a new database connection per request
+(a connect plus the PRAGMAs on SQLite, a TCP and authentication handshake on PostgreSQL) and a hop to a cold thread
+before every query. The gateway's hot path (API key, ledger) runs its queries here instead, on `DB_THREADS`
+threads (1 on SQLite: a single writer never meets "database is locked") whose connections stay open.
+
+A connection that saw an error is checked before the next job and replaced if it is no longer usable, as
+Django's own `close_if_unusable_or_obsolete` does at the start of a request.
+"""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connections
+
+_executor = None
+_lock = threading.Lock()
+
+
+def executor() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        with _lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(max_workers=settings.DB_THREADS, thread_name_prefix="sluice-db")
+    return _executor
+
+
+def _heal_connections():
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None and conn.errors_occurred:
+            if conn.is_usable() and conn.get_autocommit():
+                conn.errors_occurred = False
+            else:
+                conn.close()
+
+
+def _job(fn, args, kwargs):
+    _heal_connections()
+    return fn(*args, **kwargs)
+
+
+async def run(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` (sync, may use the ORM) on a database thread."""
+    return await sync_to_async(_job, thread_sensitive=False, executor=executor())(fn, args, kwargs)
+
+
+def database(fn):
+    """Decorator: an async version of a sync ORM function, run with `run`."""
+
+    async def wrapper(*args, **kwargs):
+        return await run(fn, *args, **kwargs)
+
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    wrapper.sync = fn
+    return wrapper
+
+
+def close_connections():
+    """Close the database threads' connections and stop the threads (tests, before the test database goes)."""
+    global _executor
+    with _lock:
+        pool, _executor = _executor, None
+    if pool is None:
+        return
+    # Each worker closes its own connection (connections are per thread); then the threads exit.
+    workers = settings.DB_THREADS
+    barrier = threading.Barrier(workers)
+
+    def close():
+        connections.close_all()
+        barrier.wait(timeout=5)
+
+    for future in [pool.submit(close) for _ in range(workers)]:
+        future.result()
+    pool.shutdown(wait=True)
