@@ -11,7 +11,7 @@ from quotas import services
 from quotas.models import Usage
 from quotas.policy import estimate_prompt_tokens
 
-from . import resilience, upstream
+from . import metrics, resilience, upstream
 from .errors import ApiError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Exchange:
                            status=404, param="model", code="model_not_found")
         prompt_tokens = estimate_prompt_tokens(chat.messages)
         plan_max = limits.max_tokens_per_request
+        metrics.SETTLING.inc()
         self.row = services.ledger_row(
             request_id=self.request_id, user_id=self.caller.user_id, api_key_id=self.caller.api_key_id,
             model=chat.model, stream=chat.stream,
@@ -47,8 +48,11 @@ class Exchange:
         try:
             await self.lease.admit(prompt_tokens, chat.max_tokens, chat.stream)
         except ApiError as error:
-            await services.close_ledger(self.row, status=Usage.Status.REJECTED, reason=error.code or "")
             self._finished = True
+            try:
+                await services.close_ledger(self.row, status=Usage.Status.REJECTED, reason=error.code or "")
+            finally:
+                metrics.SETTLING.dec()
             raise
         self.caller.lease = self.lease
 
@@ -136,7 +140,6 @@ class Exchange:
             await lease.settle(prompt_tokens + completion_tokens)
             # The middleware releases the slot too, once the response is collected; releasing is idempotent.
             await services.release_slot(self.caller.slot_key, self.request_id)
-        from . import metrics
-
+            metrics.SETTLING.dec()
         ttft = figures.first_token_at - self.started if figures is not None and figures.first_token_at else None
         metrics.stream_finished(status, completion_tokens, figures, ttft)

@@ -9,6 +9,7 @@ REFUSALS = Counter("sluice_refusals_total", "Requests refused, by reason.", ["re
 UPSTREAM_ERRORS = Counter("sluice_upstream_errors_total", "Upstream failures, by code.", ["code"])
 UPSTREAM_RETRIES = Counter("sluice_upstream_retries_total", "Upstream attempts retried.")
 ACTIVE_STREAMS = Gauge("sluice_active_streams", "Streams running in this process.")
+SETTLING = Gauge("sluice_requests_unsettled", "Completions admitted whose ledger row and counters are not settled yet.")
 QUEUE_LENGTH = Gauge("sluice_upstream_queue_length", "Requests waiting for an upstream slot in this process.")
 TTFT = Histogram("sluice_time_to_first_token_seconds", "Time to first token.",
                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

@@ -21,6 +21,16 @@ from zope.interface import implementer
 # handling; both were read and tested against these versions (Twisted 26.10.0).
 TESTED_DAPHNE_VERSION = "4.2.3"
 
+# How many bytes a connection's Twisted write buffer may hold before Twisted pauses the app's send() (Twisted's
+# default, FileDescriptor.bufferSize, is 64 KiB). Twisted checks only after a write, and a paused stream resumes
+# only once that buffer is empty, so a paused connection holds at most this much plus the last chunk written.
+# With 64 KiB, the relay's coalesced chunks of up to STREAM_BUFFER_BYTES (64 KiB) left up to two of them in
+# Twisted per paused stream (~128 KiB, measured: 30 slow readers held 60 such chunks); at 16 KiB the first
+# chunk written after a resume pauses the app again, so it is one. A client that keeps up is not delayed: the
+# chunk goes out on the reactor's next write as before, and the app's next send() waits only for that write.
+# Twisted also reads the socket in pieces of bufferSize (tcp.Connection.doRead), which is ample for requests.
+SEND_BUFFER_BYTES = 16 * 1024
+
 if daphne.__version__ != TESTED_DAPHNE_VERSION:
     warnings.warn(
         f"streaming.server.BackpressureServer was tested against daphne {TESTED_DAPHNE_VERSION}, "
@@ -61,6 +71,8 @@ class ResponseGate:
 class BackpressureServer(Server):
     """Daphne's Server whose HTTP ``send()`` blocks while Twisted has paused the connection's producer."""
 
+    send_buffer_bytes = SEND_BUFFER_BYTES
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._gates = {}  # WebRequest -> its ResponseGate, until Daphne reports the request disconnected
@@ -80,6 +92,10 @@ class BackpressureServer(Server):
             channel.unregisterProducer()
             previous.resumeProducing()
         gate = ResponseGate(channel)
+        transport = getattr(channel, "transport", None)
+        if transport is not None and hasattr(transport, "bufferSize"):
+            # Pause this connection's app sooner than Twisted's 64 KiB default (see SEND_BUFFER_BYTES).
+            transport.bufferSize = self.send_buffer_bytes
         # On the channel, not the Request: a producer left on a Request makes Request.finish() log CRITICAL
         # "Producer was not unregistered", and the channel is where the transport's pause/resume arrives.
         channel.registerProducer(gate, True)

@@ -203,6 +203,37 @@ def test_each_ending_writes_one_row_with_its_status(sim, make_user):
     assert Usage.objects.filter(user=caller.user, status="rejected", reason="rate_limit_exceeded").count() == 1
     for request_id in filter(None, ids.values()):
         assert Usage.objects.filter(request_id=request_id).count() == 1
+    # Each settlement also rolled its row up into the day's totals (one upsert per settlement).
+    from django.db.models import Count, Q, Sum
+
+    from quotas.models import DailyUsage
+
+    rows = Usage.objects.filter(user=caller.user).exclude(status="streaming")
+    expected = rows.aggregate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
+                              completion_tokens=Sum("completion_tokens"),
+                              refusals=Count("id", filter=Q(status="rejected")),
+                              upstream_errors=Count("id", filter=Q(status="upstream_error")))
+    assert expected["requests"] == 7 and expected["refusals"] == 1 and expected["upstream_errors"] == 1
+    rollup = DailyUsage.objects.filter(user=caller.user).aggregate(**{name: Sum(name) for name in expected})
+    assert rollup == expected
+
+
+def test_a_running_stream_has_its_ledger_row_within_a_second(sim, make_user):
+    from quotas.models import Usage
+
+    caller = make_user()
+    sim.control(tokens_per_second=10)
+    body = {"model": "sim-small", "messages": MESSAGES, "stream": True, "max_tokens": 60}
+    with httpx2.stream("POST", sim.api_url + "/chat/completions", json=body, timeout=10,
+                       headers={"Authorization": f"Bearer {caller.key}"}) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if '"content"' in line)
+        # Written off the first token's path, while the stream runs: its reservation is in the ledger.
+        row = eventually(lambda: Usage.objects.filter(request_id=response.headers["x-request-id"]).first(),
+                         timeout=3)
+        assert row.status == "streaming" and row.reserved_tokens > 0
+    settled = settled_row(row.request_id)
+    assert settled.pk == row.pk and settled.status == "client_disconnected"
 
 
 def test_quota_exhausted_mid_stream_ends_with_an_sdk_error(sim, make_user):
