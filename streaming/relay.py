@@ -146,55 +146,66 @@ class Relay:
         return started is not None and time.monotonic() - started > PAUSE_SECONDS
 
     async def _pump(self):
-        """Read provider events into the buffer, metering and leasing tokens as they come."""
+        """Read provider events into the buffer, metering and leasing tokens as they come.
+
+        The events of one read are metered one by one and buffered as one part (one write to a client that keeps
+        up, coalesced with more for one that doesn't).
+        """
         exchange, figures = self.exchange, self.figures
         lease = exchange.lease
         include_usage = exchange.chat.include_usage
         final = b""
         try:
-            async for data in self.events:
+            while (batch := await self.events.read_batch()) is not None:
                 if self.draining:
                     continue
-                if data == b"[DONE]":
-                    self.outcome = self.outcome or "completed"
-                    # The client has its answer now; read the body's end so the provider's connection
-                    # goes back to the pool instead of being closed mid-response.
-                    self.draining = True
+                parts = []
+                for data in batch:
+                    if data == b"[DONE]":
+                        self.outcome = self.outcome or "completed"
+                        # The client has its answer now; read the body's end so the provider's connection goes
+                        # back to the pool instead of being closed mid-response.
+                        self.draining = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        # The provider failed mid-answer; its message may name internals, so use ours.
+                        logger.warning("upstream error event mid-stream for %s", exchange.request_id)
+                        self.outcome = "upstream_error"
+                        final = ApiError("The upstream provider failed while answering.", status=502,
+                                         type="server_error", code="upstream_error").sse_event()
+                        break
+                    usage = chunk.get("usage")
+                    if usage:
+                        self.reported_usage = usage
+                    choices = chunk.get("choices")
+                    if choices:
+                        tokens = 0
+                        for choice in choices:
+                            delta = choice.get("delta") or {}
+                            content = delta.get("content") or delta.get("reasoning_content") or delta.get("refusal")
+                            if content:
+                                tokens += chunk_tokens(content)
+                            elif delta.get("tool_calls"):
+                                tokens += 1
+                        if tokens:
+                            if figures.completion_tokens + tokens > lease.completion_leased:
+                                if not await lease.need(figures.completion_tokens + tokens - lease.completion_leased):
+                                    self.outcome = "quota_exhausted"
+                                    final = lease.exhausted_error().sse_event()
+                                    break
+                            figures.completion_tokens += tokens
+                            if figures.first_token_at is None:
+                                figures.first_token_at = time.monotonic()
+                    elif usage and not include_usage:
+                        continue  # Sluice always asks for usage; the client gets it only if it asked
+                    parts.append(b"data: " + data + b"\n\n")
+                if parts:
+                    await self.buffer.put(parts[0] if len(parts) == 1 else b"".join(parts))
+                if self.draining:
                     self.buffer.end(DONE)
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    # The provider failed mid-answer; its message may name internals, so use ours.
-                    logger.warning("upstream error event mid-stream for %s", exchange.request_id)
-                    self.outcome = "upstream_error"
-                    final = ApiError("The upstream provider failed while answering.", status=502,
-                                     type="server_error", code="upstream_error").sse_event()
+                elif final:
                     break
-                usage = chunk.get("usage")
-                if usage:
-                    self.reported_usage = usage
-                choices = chunk.get("choices")
-                if choices:
-                    tokens = 0
-                    for choice in choices:
-                        delta = choice.get("delta") or {}
-                        content = delta.get("content") or delta.get("reasoning_content") or delta.get("refusal")
-                        if content:
-                            tokens += chunk_tokens(content)
-                        elif delta.get("tool_calls"):
-                            tokens += 1
-                    if tokens:
-                        if figures.completion_tokens + tokens > lease.completion_leased:
-                            if not await lease.need(figures.completion_tokens + tokens - lease.completion_leased):
-                                self.outcome = "quota_exhausted"
-                                final = lease.exhausted_error().sse_event()
-                                break
-                        figures.completion_tokens += tokens
-                        if figures.first_token_at is None:
-                            figures.first_token_at = time.monotonic()
-                elif usage and not include_usage:
-                    continue  # Sluice always asks for usage; the client gets it only if it asked
-                await self.buffer.put(b"data: " + data + b"\n\n")
             else:
                 if not self.draining:
                     self.outcome = "upstream_error"

@@ -8,7 +8,6 @@ reach the client as the provider wrote them, without a parse-and-reserialise rou
 
 import email.utils
 import time
-from contextlib import aclosing
 from dataclasses import dataclass
 
 import httpx2
@@ -117,33 +116,49 @@ def _translate(exc: Exception) -> UpstreamError:
 
 
 class EventStream:
-    """An open upstream stream: iterate it for each SSE event's `data` payload (bytes)."""
+    """An open upstream stream, read as batches: the `data` payloads (bytes) of the events each read completed.
+
+    A batch per network read, not an event at a time: when the provider is ahead (or a client is slow), the
+    events of one read travel through the relay together, as one write (docs/performance.md).
+    """
 
     def __init__(self, response: httpx2.Response):
         self._response = response
+        self._pieces = None
+        self._rest = b""  # an event's beginning, waiting for its end
         self.closed = False
 
-    async def __aiter__(self):
-        # aclosing: a consumer that stops early must not leave the byte iterator suspended.
-        async with aclosing(self._response.aiter_bytes()) as pieces:
-            buffer = b""
+    async def read_batch(self) -> list[bytes] | None:
+        """The payloads of the events the next read(s) completed (at least one), or None at the body's end."""
+        if self._pieces is None:
+            self._pieces = aiter(self._response.aiter_bytes())
+        while True:
             try:
-                async for piece in pieces:
-                    buffer += piece
-                    if b"\r" in buffer:
-                        buffer = buffer.replace(b"\r\n", b"\n")
-                    while (end := buffer.find(b"\n\n")) >= 0:
-                        event, buffer = buffer[:end], buffer[end + 2 :]
-                        for line in event.split(b"\n"):
-                            if line.startswith(b"data:"):
-                                yield line[5:].strip()
+                piece = await anext(self._pieces)
+            except StopAsyncIteration:
+                return None
             except (httpx2.HTTPError, OSError) as exc:
                 raise _translate(exc) from exc
+            data = self._rest + piece if self._rest else piece
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n")
+            *events, self._rest = data.split(b"\n\n")
+            batch = []
+            for event in events:
+                if event.startswith(b"data:") and b"\n" not in event:  # the usual one-line event
+                    batch.append(event[5:].strip())
+                else:
+                    batch.extend(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+            if batch:
+                return batch
 
     async def aclose(self):
         """Close the connection: the provider sees it and stops generating."""
         if not self.closed:
             self.closed = True
+            # A read still pending in a cancelled task unwinds by itself; a suspended iterator is closed here.
+            if self._pieces is not None and not getattr(self._pieces, "ag_running", False):
+                await self._pieces.aclose()
             await self._response.aclose()
 
 

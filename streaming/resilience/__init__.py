@@ -47,9 +47,9 @@ async def open_stream(url, body, request_id, fair_key) -> GuardedStream:
     """A streaming completion, returned once its first token arrived; it holds its permit until closed."""
 
     async def attempt(permit):
-        events, iterator, seen, pending = await open_to_first_token(
+        events, seen, pending = await open_to_first_token(
             url, body, request_id, settings.UPSTREAM_FIRST_TOKEN_TIMEOUT, settings.STREAM_HEARTBEAT_INTERVAL)
-        stream = GuardedStream(events, iterator, seen, permit, pending)
+        stream = GuardedStream(events, seen, permit, pending)
         try:
             await permit.report_success()
         except BaseException:

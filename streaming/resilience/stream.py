@@ -9,7 +9,6 @@ timer here: silence between chunks is the HTTP client's read timeout (UPSTREAM_I
 import asyncio
 import json
 import time
-from collections import deque
 
 from django.conf import settings
 
@@ -44,8 +43,7 @@ def event_kind(data: bytes) -> str:
 
 
 async def open_to_first_token(url, body, request_id, timeout_seconds, commit_after_seconds):
-    """(events, iterator, events read so far, pending read) once the first content arrived; retryable errors
-    otherwise.
+    """(events, events read so far, pending read) once the first content arrived; retryable errors otherwise.
 
     A provider slower than `commit_after_seconds` (the heartbeat interval) is not held against the client: the
     stream is returned with its read still pending (never cancelled), the client gets its headers and heartbeats,
@@ -58,28 +56,27 @@ async def open_to_first_token(url, body, request_id, timeout_seconds, commit_aft
     try:
         async with asyncio.timeout_at(deadline):
             events = await upstream.open_stream(url, body, request_id)
-        iterator = aiter(events)
         seen = []
         while True:
-            pending = asyncio.ensure_future(anext(iterator))
+            pending = asyncio.ensure_future(events.read_batch())
             done, _ = await asyncio.wait([pending], timeout=max(0.0, min(deadline, commit_at) - loop.time()))
             if not done:
                 if loop.time() >= deadline:
                     raise TimeoutError
-                return events, iterator, seen, pending
-            try:
-                data = pending.result()
-            except StopAsyncIteration:
-                raise UpstreamError(502, "upstream_error", "The upstream provider ended the answer before "
-                                    "its first token.", retryable=True) from None
+                return events, seen, pending
+            batch = pending.result()
             pending = None
-            seen.append(data)
-            kind = event_kind(data)
-            if kind == CONTENT:
-                return events, iterator, seen, None
-            if kind == ERROR:
-                raise UpstreamError(502, "upstream_error", "The upstream provider failed before its first token.",
-                                    retryable=True)
+            if batch is None:
+                raise UpstreamError(502, "upstream_error", "The upstream provider ended the answer before "
+                                    "its first token.", retryable=True)
+            seen.extend(batch)
+            for data in batch:
+                kind = event_kind(data)
+                if kind == CONTENT:
+                    return events, seen, None
+                if kind == ERROR:
+                    raise UpstreamError(502, "upstream_error", "The upstream provider failed before its first "
+                                        "token.", retryable=True)
     except BaseException as exc:
         if pending is not None:
             pending.cancel()
@@ -92,17 +89,16 @@ async def open_to_first_token(url, body, request_id, timeout_seconds, commit_aft
 
 
 class GuardedStream:
-    """The upstream's events (those read before the first token first), holding the permit until `aclose`.
+    """The upstream's event batches (those read before the first token first), holding the permit until `aclose`.
 
     The permit is renewed as events flow (one store call per third of its TTL, never per token) and given back
     with the stream's outcome: ok once [DONE] came or the gateway stopped reading; failed if the provider broke
     off or sent an error event.
     """
 
-    def __init__(self, events, iterator, seen, permit, pending=None):
+    def __init__(self, events, seen, permit, pending=None):
         self._events = events
-        self._iterator = iterator
-        self._seen = deque(seen)
+        self._seen = seen
         self._pending = pending  # a read begun before the response was committed
         self._permit = permit
         self._renew_every = settings.UPSTREAM_PERMIT_TTL / 3
@@ -115,36 +111,36 @@ class GuardedStream:
         """True when the stream was handed over before its first token (a slow provider)."""
         return self._pending is not None
 
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
+    async def read_batch(self) -> list[bytes] | None:
+        """The next events' payloads, or None at the end of the provider's body."""
         if self._seen:
-            return self._note(self._seen.popleft())
+            batch, self._seen = self._seen, []
+            return self._note(batch)
         try:
             if self._pending is not None:
                 pending, self._pending = self._pending, None
-                data = await pending
+                batch = await pending
             else:
-                data = await anext(self._iterator)
-        except StopAsyncIteration:
-            self.outcome = self.outcome or OUTCOME_FAILED  # ended without [DONE]
-            raise
+                batch = await self._events.read_batch()
         except UpstreamError:
             self.outcome = OUTCOME_FAILED
             raise
+        if batch is None:
+            self.outcome = self.outcome or OUTCOME_FAILED  # ended without [DONE]
+            return None
         now = time.monotonic()
         if now >= self._renew_at:
             self._renew_at = now + self._renew_every
             await self._permit.renew()
-        return self._note(data)
+        return self._note(batch)
 
-    def _note(self, data):
-        if data == b"[DONE]":
-            self.outcome = OUTCOME_OK
-        elif data.find(b'"error"', 0, 16) >= 0:  # a chunk starts {"id": ...; an error event {"error": ...
-            self.outcome = OUTCOME_FAILED
-        return data
+    def _note(self, batch):
+        for data in batch:
+            if data == b"[DONE]":
+                self.outcome = OUTCOME_OK
+            elif data.find(b'"error"', 0, 16) >= 0:  # a chunk starts {"id": ...; an error event {"error": ...
+                self.outcome = OUTCOME_FAILED
+        return batch
 
     async def aclose(self):
         """Close the provider's stream (it stops generating), then give the permit back."""
