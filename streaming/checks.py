@@ -45,7 +45,7 @@ def check_settings(app_configs=None, **kwargs):
                             hint="Lower UPSTREAM_CONCURRENCY_MIN or raise UPSTREAM_CONCURRENCY_MAX.", id="sluice.E008"))
     for name in ("STREAM_BUFFER_BYTES", "STREAM_STALL_TIMEOUT", "STREAM_MAX_DURATION", "STREAM_HEARTBEAT_INTERVAL",
                  "QUOTA_LEASE_BLOCK_TOKENS", "QUOTA_SLOT_TTL", "UPSTREAM_FIRST_TOKEN_TIMEOUT", "UPSTREAM_IDLE_TIMEOUT",
-                 "UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_PERMIT_TTL"):
+                 "UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_PERMIT_TTL", "DB_THREADS"):
         if getattr(settings, name) <= 0:
             errors.append(Error(f"{name} must be positive.", hint=f"Unset {name} to use its default.",
                                 id="sluice.E006"))

@@ -27,6 +27,7 @@ def test_the_defaults_pass():
     ({"REDIS_URL": "127.0.0.1:6379"}, "sluice.E003", "REDIS_URL"),
     ({"OPENAI_BASE_URL": "localhost:8001/v1"}, "sluice.E004", "OPENAI_BASE_URL"),
     ({"STREAM_STALL_TIMEOUT": "0"}, "sluice.E006", "STREAM_STALL_TIMEOUT"),
+    ({"DB_THREADS": "0"}, "sluice.E006", "DB_THREADS"),
     ({"UPSTREAM_AIMD_DECREASE_FACTOR": "1.5"}, "sluice.E007", "UPSTREAM_AIMD_DECREASE_FACTOR"),
     ({"UPSTREAM_CONCURRENCY_MIN": "9", "UPSTREAM_CONCURRENCY_MAX": "4"}, "sluice.E008", "UPSTREAM_CONCURRENCY_MIN"),
 ])
