@@ -140,6 +140,7 @@ class Relay:
         self.yield_started = None
         self.draining = False  # [DONE] came; the pump reads the rest of the provider's body
         self.reason = ""  # for the ledger: the error code that ended the stream
+        self._closing = None  # the task that closes and settles the stream
 
     def is_paused(self):
         started = self.yield_started
@@ -201,7 +202,12 @@ class Relay:
                         continue  # Sluice always asks for usage; the client gets it only if it asked
                     parts.append(b"data: " + data + b"\n\n")
                 if parts:
-                    await self.buffer.put(parts[0] if len(parts) == 1 else b"".join(parts))
+                    part = parts[0] if len(parts) == 1 else b"".join(parts)
+                    # put() waits while the client is behind: meanwhile this frame holds no other copy of the
+                    # events (the read's payloads, the parsed JSON, the parts).
+                    batch = parts = data = chunk = choices = choice = delta = content = usage = None
+                    await self.buffer.put(part)
+                    part = None
                 if self.draining:
                     self.buffer.end(DONE)
                 elif final:
@@ -308,7 +314,17 @@ class Relay:
             await self._shutdown(outcome)
 
     async def _shutdown(self, outcome):
-        """Stop reading the provider, close its stream, and settle. Idempotent."""
+        """Stop reading the provider, close its stream, and settle: once, whoever asks first.
+
+        A task of its own, awaited through a shield: the server cancels the response's handler when the client
+        goes away, which may happen while this runs (a client that leaves right after [DONE]); the provider must
+        still be closed and the request settled.
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(outcome))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, outcome):
         if self.draining:
             # The body's end follows [DONE] at once from a well-behaved provider: let the pump read it.
             await asyncio.wait([self._pump_task], timeout=0.25)
