@@ -10,6 +10,9 @@
 2. Many streams. 500 concurrent streams of 200 tokens at 20 tokens/s (10 s each) through one
    `streaming.serve` process: errors, TTFT, the inter-token gaps seen by the clients minus the upstream's 50 ms,
    the gateway's CPU per token and memory per stream ((peak RSS − idle RSS) / 500).
+
+Only the slow readers, on the servers named (default: streaming.serve alone, about 40 s):
+`python -m bench.bench_backpressure [serve] [daphne] [uvicorn]`.
 """
 
 import asyncio
@@ -70,9 +73,9 @@ async def slow_readers(sim, port, api_key, monitor):
     return readers, series
 
 
-def run_slow_readers(db, sim):
+def run_slow_readers(db, sim, kinds=("serve", "daphne", "uvicorn")):
     results = {}
-    for kind in ("serve", "daphne", "uvicorn"):
+    for kind in kinds:
         sim.reset(token_padding=PADDING)
         say(f"backpressure bench: {READERS} slow readers on {SERVER_LABELS[kind]} ({max(SAMPLE_AT)} s)")
         with gateway(kind, gateway_env(db, sim.port)) as gw:
@@ -115,17 +118,18 @@ def report_slow_readers(results):
             print(f"- {SERVER_LABELS[kind]}: {len(closed)} readers closed by the server"
                   + (f" ({closed[0].error or 'EOF'})" if closed else "")
                   + (f"; log: {r['exceptions']}" if r["exceptions"] else ""))
-    serve = results["serve"]
-    growth = mb(serve["peak"] - serve["idle"])
-    last, before = serve["series"][-1][2], serve["series"][-2][2]
-    paused = last["bytes"] == before["bytes"] and last["blocked_now"] == last["requests"] == READERS
-    stock = results["daphne"]
+    serve, stock = results.get("serve"), results.get("daphne")
     print("\nTargets:")
-    print(f"- streaming.serve: ≤ {TARGET_GROWTH_MB} MB RSS growth for {READERS} slow readers: {growth:+.1f} MB → "
-          f"{verdict(growth <= TARGET_GROWTH_MB)}; upstream paused (no bytes in the last "
-          f"{SAMPLE_AT[-1] - SAMPLE_AT[-2]} s, {last['blocked_now']}/{READERS} writes blocked) → {verdict(paused)}")
-    print(f"- stock Daphne grows: {mb(stock['peak'] - stock['idle']):+.1f} MB → "
-          f"{'as expected' if stock['peak'] - stock['idle'] > serve['peak'] - serve['idle'] + 50e6 else 'NOT as expected'}")
+    if serve:
+        growth = mb(serve["peak"] - serve["idle"])
+        last, before = serve["series"][-1][2], serve["series"][-2][2]
+        paused = last["bytes"] == before["bytes"] and last["blocked_now"] == last["requests"] == READERS
+        print(f"- streaming.serve: ≤ {TARGET_GROWTH_MB} MB RSS growth for {READERS} slow readers: {growth:+.1f} MB → "
+              f"{verdict(growth <= TARGET_GROWTH_MB)}; upstream paused (no bytes in the last "
+              f"{SAMPLE_AT[-1] - SAMPLE_AT[-2]} s, {last['blocked_now']}/{READERS} writes blocked) → {verdict(paused)}")
+    if serve and stock:
+        print(f"- stock Daphne grows: {mb(stock['peak'] - stock['idle']):+.1f} MB → "
+              f"{'as expected' if stock['peak'] - stock['idle'] > serve['peak'] - serve['idle'] + 50e6 else 'NOT as expected'}")
 
 
 async def many_streams(port, api_key, count):
@@ -231,3 +235,21 @@ def run():
             slow = run_slow_readers(db, sim)
         report_slow_readers(slow)
         report_many([run_many(db, count) for count in MANY_LEVELS])
+
+
+def run_slow_readers_only(kinds=("serve",)):
+    raise_nofile()
+    with bench_database() as db:
+        with simulator() as sim:
+            results = run_slow_readers(db, sim, kinds)
+        report_slow_readers(results)
+
+
+if __name__ == "__main__":
+    import sys
+
+    chosen = tuple(sys.argv[1:]) or ("serve",)
+    unknown = [kind for kind in chosen if kind not in SERVER_LABELS]
+    if unknown:
+        sys.exit(f"unknown server {', '.join(unknown)}: choose from {', '.join(SERVER_LABELS)}")
+    run_slow_readers_only(chosen)

@@ -7,12 +7,17 @@ reach the client as the provider wrote them, without a parse-and-reserialise rou
 """
 
 import email.utils
+import socket
 import time
 from dataclasses import dataclass
 
+import aiohttp
 import httpx2
 import openai
 from django.conf import settings
+# The SDK's own aiohttp transport, given a session of ours (below). Not in the SDK's public API: tied to the pinned
+# openai version (requirements.txt), and an import error here names the change at start-up.
+from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
 
 SIMULATOR_PREFIX = "/_sim"
 _clients: dict[tuple, openai.AsyncOpenAI] = {}
@@ -50,6 +55,33 @@ def base_url(scope) -> str:
     return f"http://{host}:{port}{SIMULATOR_PREFIX}/v1"
 
 
+# How far one provider connection reads ahead of the relay (a stream paused by a slow client keeps this much).
+# aiohttp pauses a connection's socket once its StreamReader holds more than twice read_bufsize (256 KiB by
+# default in aiohttp 3.14: 512 KiB), and only after handling a whole socket read; asyncio reads up to 256 KiB at
+# a time from a kernel buffer that autotunes up to tcp_rmem's max. Measured: 30 paused streams held ~520 KiB each
+# in aiohttp. A 16 KiB read_bufsize pauses above 32 KiB; a 32 KiB SO_RCVBUF, set before connecting, bounds each
+# socket read and what the kernel keeps for a paused stream. At a 100 ms round trip that window still carries
+# ~300 KB/s per stream, far above a model's output.
+UPSTREAM_READ_BUFFER_BYTES = 16 * 1024
+UPSTREAM_RECEIVE_BUFFER_BYTES = 32 * 1024
+
+
+def _upstream_socket(addr_info) -> socket.socket:
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UPSTREAM_RECEIVE_BUFFER_BYTES)
+    return sock
+
+
+def _aiohttp_session() -> aiohttp.ClientSession:
+    # The session the SDK's transport would build (its TLS context, 5 s keep-alive), with the read-ahead bounds
+    # above and no connection limit: the transport maps max_connections=None to aiohttp's default of 100.
+    # Called by the transport on its first request, inside the running loop.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=5.0, ssl=httpx2.create_ssl_context(),
+                                     socket_factory=_upstream_socket)
+    return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES)
+
+
 def get_client(url: str) -> openai.AsyncOpenAI:
     timeouts = (settings.UPSTREAM_CONNECT_TIMEOUT, settings.UPSTREAM_IDLE_TIMEOUT)
     client = _clients.get((url, timeouts))
@@ -65,7 +97,7 @@ def get_client(url: str) -> openai.AsyncOpenAI:
             # the CPU of the default transport's pure-Python stack, on every event of every stream
             # (docs/performance.md).
             http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100),
+                transport=AiohttpTransport(client=_aiohttp_session),
                 timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT),
             ),
         )
