@@ -141,6 +141,7 @@ class Relay:
         self.draining = False  # [DONE] came; the pump reads the rest of the provider's body
         self.reason = ""  # for the ledger: the error code that ended the stream
         self._closing = None  # the task that closes and settles the stream
+        self.reading_since = None  # when the pump began waiting for the provider (None: not waiting)
 
     def is_paused(self):
         started = self.yield_started
@@ -157,7 +158,12 @@ class Relay:
         include_usage = exchange.chat.include_usage
         final = b""
         try:
-            while (batch := await self.events.read_batch()) is not None:
+            while True:
+                self.reading_since = time.monotonic()
+                batch = await self.events.read_batch()
+                self.reading_since = None
+                if batch is None:
+                    break
                 if self.draining:
                     continue
                 parts = []
@@ -239,9 +245,9 @@ class Relay:
     async def _watch(self, handler):
         """Stall cut-off, maximum duration, and the lease and slot heartbeat."""
         stall, max_duration = settings.STREAM_STALL_TIMEOUT, settings.STREAM_MAX_DURATION
-        first_token_timeout = settings.UPSTREAM_FIRST_TOKEN_TIMEOUT
+        first_token_timeout, idle_timeout = settings.UPSTREAM_FIRST_TOKEN_TIMEOUT, settings.UPSTREAM_IDLE_TIMEOUT
         renew_every = settings.QUOTA_SLOT_TTL / 3
-        tick = max(0.05, min(1.0, stall / 4, renew_every))
+        tick = max(0.05, min(1.0, stall / 4, renew_every, idle_timeout / 4))
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(tick)
@@ -261,6 +267,13 @@ class Relay:
                 # The provider answered but sent no token in time (slow providers get heartbeats meanwhile).
                 await self._end_early("upstream_error", ApiError(
                     f"The upstream provider sent no first token within {first_token_timeout:g} s.", status=504,
+                    type="server_error", code="upstream_timeout"))
+            elif (self.figures.first_token_at is not None and self.reading_since is not None
+                  and now - self.reading_since > idle_timeout):
+                # The provider went silent mid-answer (while the client kept up: a pump waiting on the client is
+                # not reading).
+                await self._end_early("upstream_error", ApiError(
+                    f"The upstream provider sent nothing for {idle_timeout:g} s.", status=504,
                     type="server_error", code="upstream_timeout"))
             elif now - self.started > max_duration:
                 await self._end_early("completed", ApiError(

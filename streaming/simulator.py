@@ -38,6 +38,7 @@ class Control:
     retry_after_seconds: float = 1.0
     fail_500_rate: float = 0.0
     fail_midstream_after: int = 0  # >0: drop the connection after this many tokens
+    stall_midstream_after: int = 0  # >0: go silent after this many tokens (the connection stays open)
     max_concurrent: int = 0  # >0: answer 429 beyond this many requests in flight
     seed: int = 0
 
@@ -233,6 +234,10 @@ class Simulator:
             next_at = time.perf_counter()
             for i in range(n_tokens):
                 if disconnected.is_set():
+                    record.disconnected = True
+                    return
+                if control.stall_midstream_after and i >= control.stall_midstream_after:
+                    await disconnected.wait()  # a provider that hangs mid-answer: silent until the reader leaves
                     record.disconnected = True
                     return
                 if control.fail_midstream_after and i >= control.fail_midstream_after:

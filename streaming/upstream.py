@@ -198,13 +198,18 @@ class EventStream:
 
 
 async def _post(url: str, body: dict, request_id: str, stream: bool) -> httpx2.Response:
+    options = {"headers": {"X-Client-Request-Id": request_id}}
+    if stream:
+        # No read timeout on the socket for a stream: it would arm and cancel a timer on every event of every
+        # stream. The first-token deadline (streaming/resilience/stream.py) and the relay's watchdog, which ends
+        # a stream silent for UPSTREAM_IDLE_TIMEOUT (streaming/relay.py), bound the waits instead.
+        options["timeout"] = httpx2.Timeout(None, connect=settings.UPSTREAM_CONNECT_TIMEOUT)
     # The client's own request path (base URL, auth, headers, status errors), without the typed `create()`
     # wrapper: its parameter transformation costs more than the whole relay of a short answer
     # (docs/performance.md). The body was validated by Sluice already (streaming/validation.py).
     try:
         return await get_client(url).post(
-            "/chat/completions", cast_to=httpx2.Response, body=body, stream=stream,
-            options={"headers": {"X-Client-Request-Id": request_id}})
+            "/chat/completions", cast_to=httpx2.Response, body=body, stream=stream, options=options)
     except Exception as exc:
         raise _translate(exc) from exc
 

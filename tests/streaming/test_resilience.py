@@ -191,7 +191,7 @@ def test_a_slow_first_token_is_retried_then_answered_504(make_user):
 
 
 def test_only_the_first_token_is_timed(make_user):
-    """Chunks that come slower in total than the first-token timeout are not cut: only silence is (read timeout)."""
+    """Chunks that come slower in total than the first-token timeout are not cut: only silence is (idle timeout)."""
     caller = make_user()
     with gateway_server(**{**FAST, "UPSTREAM_FIRST_TOKEN_TIMEOUT": 2, "UPSTREAM_RETRY_DEADLINE": 0}) as gateway:
         gateway.control(tokens_per_second=2)  # the first token after 0.5 s, the sixth after 3 s
@@ -220,6 +220,26 @@ def test_a_failure_after_the_first_byte_is_not_retried_and_charged_for_what_was_
     assert sim.stats()["attempts"] == before + 1
     row = settled_row(stream.response.headers["x-request-id"])
     assert (row.status, row.completion_tokens) == ("upstream_error", 5)
+
+
+def test_a_provider_silent_mid_answer_is_cut_after_the_idle_timeout(make_user):
+    caller = make_user()
+    with gateway_server(**{**FAST, "UPSTREAM_IDLE_TIMEOUT": 1, "UPSTREAM_RETRY_DEADLINE": 0}) as gateway:
+        gateway.control(stall_midstream_after=3)  # three tokens, then silence on an open connection
+        client = openai.OpenAI(base_url=gateway.api_url, api_key=caller.key, max_retries=0)
+        stream = client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True, max_tokens=20)
+        started, tokens = time.monotonic(), []
+        with pytest.raises(openai.APIError) as raised:
+            for chunk in stream:
+                tokens += [c.delta.content for c in chunk.choices if c.delta.content]
+        assert len(tokens) == 3 and raised.value.code == "upstream_timeout"
+        assert 1 <= time.monotonic() - started < 5
+        request_id = stream.response.headers["x-request-id"]
+        row = settled_row(request_id)
+        assert (row.status, row.reason, row.completion_tokens) == ("upstream_error", "upstream_timeout", 3)
+        # The provider's request was closed, not left hanging.
+        assert eventually(lambda: gateway.sim_request(request_id)["disconnected"])
 
 
 def test_a_client_that_leaves_during_the_first_token_wait_stops_the_upstream(sim, make_user):
