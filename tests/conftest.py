@@ -34,10 +34,18 @@ def _database_threads(django_db_setup, django_db_blocker):
     """Close the connections of quotas/db.py's threads (code the tests run in-process) before the test database
     is dropped: PostgreSQL refuses to drop a database that still has sessions."""
     yield
+    from django.db import connection
+
     from quotas import db
 
     with django_db_blocker.unblock():
         db.close_connections()
+        if connection.vendor == "postgresql":
+            # And any session another thread of this process left open (Channels' database_sync_to_async in the
+            # live-panel tests), which would make the drop fail and leave the test database behind.
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
 
 
 METRICS_TOKEN = "tests-metrics-token"
