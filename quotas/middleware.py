@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from asgiref.sync import markcoroutinefunction
+from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 
 from streaming.errors import ApiError
@@ -21,6 +22,7 @@ from .policy import Limits
 API_PREFIX = "/v1/"
 DEMO_PREFIX = "/api/"
 COMPLETION_PATHS = {"/v1/chat/completions", "/api/chat"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
 
 
 @dataclass
@@ -56,6 +58,9 @@ class ThrottleMiddleware:
 
     def __init__(self, get_response):
         self.get_response = get_response
+        # The demo's session endpoints are checked for CSRF before anything is counted (Django's own check runs
+        # later, once the view is resolved): a forged cross-site POST must not spend its victim's request rate.
+        self._csrf = CsrfViewMiddleware(get_response)
         markcoroutinefunction(self)
 
     async def __call__(self, request):
@@ -64,6 +69,12 @@ class ThrottleMiddleware:
             api = True
         elif path.startswith(DEMO_PREFIX):
             api = False
+            if request.method not in SAFE_METHODS:
+                # process_view with no view: the demo's endpoints are never csrf_exempt. Cookie-based tokens
+                # (CSRF_USE_SESSIONS is off), so no query; a pass marks the request checked for Django's own.
+                rejected = self._csrf.process_view(request, None, (), {})
+                if rejected is not None:
+                    return rejected
         else:
             return await self.get_response(request)
         try:

@@ -51,11 +51,13 @@ def test_quota_is_the_api_quota_for_the_session_user(make_user):
 
 def test_chat_is_not_csrf_exempt(make_user):
     assert not getattr(resolve("/api/chat").func, "csrf_exempt", False)
-    client = signed_in(Client(enforce_csrf_checks=True), make_user().user)
+    client = signed_in(Client(enforce_csrf_checks=True), make_user(requests_per_minute=3).user)
     response = client.post("/api/chat", {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]},
                            content_type="application/json")
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "csrf_failed"  # JSON, like every /api/ error
+    # Refused before anything was counted: a forged POST does not spend the user's request rate.
+    assert client.get("/api/quota").json()["requests"]["remaining"] == 3
 
 
 def sign_in_over_http(http, username):
