@@ -18,15 +18,17 @@ from django.conf import settings
 from django.db import connections
 
 _executor = None
+_workers = 0  # the executor's thread count, as created
 _lock = threading.Lock()
 
 
 def executor() -> ThreadPoolExecutor:
-    global _executor
+    global _executor, _workers
     if _executor is None:
         with _lock:
             if _executor is None:
-                _executor = ThreadPoolExecutor(max_workers=settings.DB_THREADS, thread_name_prefix="sluice-db")
+                _workers = settings.DB_THREADS
+                _executor = ThreadPoolExecutor(max_workers=_workers, thread_name_prefix="sluice-db")
     return _executor
 
 
@@ -67,8 +69,9 @@ def close_connections():
         pool, _executor = _executor, None
     if pool is None:
         return
-    # Each worker closes its own connection (connections are per thread); then the threads exit.
-    workers = settings.DB_THREADS
+    # Each worker closes its own connection (connections are per thread): the barrier holds every worker until
+    # all of them took one job. Then the threads exit.
+    workers = _workers
     barrier = threading.Barrier(workers)
 
     def close():
