@@ -73,18 +73,23 @@ async def slow_readers(sim, port, api_key, monitor):
     return readers, series
 
 
+def warmed(gw, db, label):
+    """(a monitor of the gateway, its RSS) after one small request and a second to settle."""
+    monitor = ProcessMonitor(gw.process.pid)
+    warm = asyncio.run(stream_chat(gw.port, PATH, chat_body(3), db.api_key))
+    if not warm.ok:
+        raise RuntimeError(f"{label}: warm-up failed: {warm.error}\n{gw.stderr_text()[-3000:]}")
+    time.sleep(1.0)
+    return monitor, monitor.rss()
+
+
 def run_slow_readers(db, sim, kinds=("serve", "daphne", "uvicorn")):
     results = {}
     for kind in kinds:
         sim.reset(token_padding=PADDING)
         say(f"backpressure bench: {READERS} slow readers on {SERVER_LABELS[kind]} ({max(SAMPLE_AT)} s)")
         with gateway(kind, gateway_env(db, sim.port)) as gw:
-            monitor = ProcessMonitor(gw.process.pid)
-            warm = asyncio.run(stream_chat(gw.port, PATH, chat_body(3), db.api_key))
-            if not warm.ok:
-                raise RuntimeError(f"{kind}: warm-up failed: {warm.error}\n{gw.stderr_text()[-3000:]}")
-            time.sleep(1.0)
-            idle = monitor.rss()
+            monitor, idle = warmed(gw, db, kind)
             with monitor:
                 readers, series = asyncio.run(slow_readers(sim, gw.port, db.api_key, monitor))
             results[kind] = {"idle": idle, "peak": monitor.peak, "series": series, "readers": readers,
@@ -151,12 +156,7 @@ def run_many(db, count):
     say(f"backpressure bench: {count} streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s on one gateway")
     with simulator(tokens_per_second=MANY_RATE) as sim:
         with gateway("serve", gateway_env(db, sim.port)) as gw:
-            monitor = ProcessMonitor(gw.process.pid)
-            warm = asyncio.run(stream_chat(gw.port, PATH, chat_body(2), db.api_key))
-            if not warm.ok:
-                raise RuntimeError(f"warm-up failed: {warm.error}\n{gw.stderr_text()[-3000:]}")
-            time.sleep(1.0)
-            idle = monitor.rss()
+            monitor, idle = warmed(gw, db, "serve")
             cpu = monitor.cpu()
             started = time.perf_counter()
             with monitor:
