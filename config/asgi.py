@@ -36,10 +36,16 @@ api_application = APIHandler()
 
 
 def _refuse_misconfiguration():
-    """Daphne's and Uvicorn's command lines run no system checks (runserver does): run them here."""
+    """Daphne's and Uvicorn's command lines run no system checks: run them here (runserver loads this module too).
+
+    The secret key is checked here rather than for every management command: a server needs it, `migrate` does not.
+    """
     from django.core import checks
 
-    errors = [e for e in checks.run_checks(include_deployment_checks=False) if e.is_serious()]
+    from streaming.checks import check_secret_key
+
+    errors = [e for e in [*checks.run_checks(include_deployment_checks=False), *check_secret_key()]
+              if e.is_serious()]
     if errors:
         raise SystemExit("Sluice will not start:\n" + "\n".join(f"  {e}\n    HINT: {e.hint}" for e in errors))
 

@@ -31,7 +31,8 @@ def env_int(name, default):
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
 # No committed secret. Without DJANGO_SECRET_KEY the process gets a random key of its own (so Django
-# can start far enough to run its checks), and with DEBUG off the `sluice.E001` check stops it.
+# can start far enough to run its checks), and with DEBUG off the `sluice.E001` check stops a server (and
+# `check --deploy`); offline commands such as migrate run without one.
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
 SECRET_KEY_MISSING = not SECRET_KEY
 if SECRET_KEY_MISSING:

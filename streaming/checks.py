@@ -6,15 +6,25 @@ from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 
 
-@register(Tags.security, deploy=False)
-def check_settings(app_configs=None, **kwargs):
-    errors = []
+@register(Tags.security, deploy=True)
+def check_secret_key(app_configs=None, **kwargs):
+    """A server needs DJANGO_SECRET_KEY (sessions, CSRF tokens and password resets are signed with it).
+
+    A deployment check, also run by every server at start-up (config/asgi.py): offline commands (migrate,
+    makemigrations, create_api_key) sign nothing a client keeps (API keys are plain SHA-256), so they run without it.
+    """
     if getattr(settings, "SECRET_KEY_MISSING", False) and not settings.DEBUG:
-        errors.append(Error(
+        return [Error(
             "DJANGO_SECRET_KEY is not set.",
             hint="Set DJANGO_SECRET_KEY to a long random string, e.g. the output of "
                  "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`.",
-            id="sluice.E001"))
+            id="sluice.E001")]
+    return []
+
+
+@register(Tags.security, deploy=False)
+def check_settings(app_configs=None, **kwargs):
+    errors = []
     url = settings.DATABASE_URL
     if url and urlparse(url).scheme not in settings.SUPPORTED_DATABASE_SCHEMES:
         errors.append(Error(
