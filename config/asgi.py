@@ -47,7 +47,7 @@ def _refuse_misconfiguration():
     errors = [e for e in [*checks.run_checks(include_deployment_checks=False), *check_secret_key()]
               if e.is_serious()]
     if errors:
-        raise SystemExit("Sluice will not start:\n" + "\n".join(f"  {e}\n    HINT: {e.hint}" for e in errors))
+        raise SystemExit("Sluice will not start:\n" + "\n".join(f"  {e}" for e in errors))
 
 
 _refuse_misconfiguration()

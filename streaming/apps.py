@@ -1,5 +1,10 @@
 from django.apps import AppConfig
 
+from . import reactor
+
+# Before daphne's app is imported (it installs Twisted's reactor on asyncio's stock loop): see streaming/reactor.py.
+reactor.install()
+
 
 class StreamingConfig(AppConfig):
     name = "streaming"

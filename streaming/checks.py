@@ -53,6 +53,7 @@ def check_settings(app_configs=None, **kwargs):
     if settings.UPSTREAM_CONCURRENCY_MAX and settings.UPSTREAM_CONCURRENCY_MIN > settings.UPSTREAM_CONCURRENCY_MAX:
         errors.append(Error("UPSTREAM_CONCURRENCY_MIN is above UPSTREAM_CONCURRENCY_MAX.",
                             hint="Lower UPSTREAM_CONCURRENCY_MIN or raise UPSTREAM_CONCURRENCY_MAX.", id="sluice.E008"))
+    errors.extend(_check_event_loop())
     for name in ("STREAM_BUFFER_BYTES", "STREAM_STALL_TIMEOUT", "STREAM_MAX_DURATION", "STREAM_HEARTBEAT_INTERVAL",
                  "QUOTA_LEASE_BLOCK_TOKENS", "QUOTA_SLOT_TTL", "UPSTREAM_FIRST_TOKEN_TIMEOUT", "UPSTREAM_IDLE_TIMEOUT",
                  "UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_PERMIT_TTL", "DB_THREADS"):
@@ -60,3 +61,16 @@ def check_settings(app_configs=None, **kwargs):
             errors.append(Error(f"{name} must be positive.", hint=f"Unset {name} to use its default.",
                                 id="sluice.E006"))
     return errors
+
+
+def _check_event_loop():
+    from . import reactor
+
+    name = settings.SLUICE_EVENT_LOOP
+    if name not in reactor.EVENT_LOOPS:
+        return [Error(f"SLUICE_EVENT_LOOP is '{name}', which is not an event loop Sluice knows.",
+                      hint="Use SLUICE_EVENT_LOOP=uvloop (the default) or SLUICE_EVENT_LOOP=asyncio.", id="sluice.E009")]
+    if name == "uvloop" and not reactor.uvloop_available():
+        return [Warning("SLUICE_EVENT_LOOP is uvloop but uvloop is not installed: the server uses asyncio's loop.",
+                        hint="pip install -r requirements.txt, or set SLUICE_EVENT_LOOP=asyncio.", id="sluice.W002")]
+    return []

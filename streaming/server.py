@@ -6,16 +6,23 @@ reading makes the server buffer the whole stream. Here each HTTP request gets a 
 HTTPChannel, and ``handle_reply`` waits on it after every body chunk. See docs/backpressure.md.
 """
 
-# daphne.server installs Twisted's asyncio reactor; it must be imported before anything imports the reactor.
-from daphne.server import Server  # isort:skip
+# Twisted's asyncio reactor on uvloop's loop (streaming/reactor.py), before daphne.server installs it on asyncio's.
+from streaming import reactor  # isort:skip
+
+reactor.install()
+
+from daphne.server import Server  # noqa: E402  isort:skip
 
 import asyncio
+import logging
 import warnings
 
 import daphne
 from daphne.http_protocol import WebRequest
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
+
+logger = logging.getLogger(__name__)
 
 # The gate relies on how Daphne calls protocol_connected/protocol_disconnected and on HTTPChannel's producer
 # handling; both were read and tested against these versions (Twisted 26.10.0).
@@ -73,6 +80,11 @@ class BackpressureServer(Server):
     """Daphne's Server whose HTTP ``send()`` blocks while Twisted has paused the connection's producer."""
 
     send_buffer_bytes = SEND_BUFFER_BYTES
+
+    def run(self):
+        loop = reactor.installed_loop()
+        logger.info("Event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
+        super().run()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

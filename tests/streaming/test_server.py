@@ -199,6 +199,23 @@ def test_stalled_reader_pauses_the_app_and_resumes_it(patched_server):
     assert get_stats(patched_server.port, "stall") == {"produced_bytes": BIG_STREAM_BYTES, "state": "done"}
 
 
+# The event loop (streaming/reactor.py): uvloop's by default, asyncio's on request; backpressure on both.
+
+def test_the_server_runs_on_uvloop_by_default(patched_server):
+    assert "Event loop: uvloop.Loop" in patched_server.stderr_text()
+
+
+@pytest.mark.timeout(60)
+def test_on_asyncios_loop_a_stalled_reader_pauses_the_app_too():
+    with start_server(PATCHED_DAPHNE, env={"SLUICE_EVENT_LOOP": "asyncio"}) as server:
+        assert "Event loop: asyncio." in server.stderr_text()
+        connection, stats = stall_big_stream(server.port, "stall-asyncio")
+        with connection:
+            assert 0 < stats["produced_bytes"] < STALLED_LIMIT_BYTES, stats
+            assert connection.read_head()[0] == 200
+            assert_stream_body(connection.read_body(), "stall-asyncio", BIG_STREAM_CHUNKS)
+
+
 @pytest.mark.timeout(60)
 def test_stock_daphne_buffers_the_whole_stream_for_a_stalled_reader():
     """The problem the subclass fixes: stock Daphne's send() never waits."""
@@ -405,6 +422,18 @@ def test_entry_points_use_the_backpressure_server():
         "assert BackpressureCommandLineInterface.server_class is BackpressureServer\n"
         "assert Command.server_cls is BackpressureServer\n")
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_django_setup_installs_the_reactor_on_uvloop_before_daphne_does():
+    # runserver imports daphne.server through Daphne's app: the streaming app, listed first, installs it first.
+    result = _run_python(
+        "import django; from django.conf import settings\n"
+        "settings.configure(INSTALLED_APPS=['streaming', 'daphne']); django.setup()\n"
+        "from streaming import reactor\n"
+        "print(type(reactor.installed_loop()).__module__)\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "uvloop"
 
 
 @pytest.mark.timeout(60)
