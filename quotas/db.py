@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
+from django.db import DEFAULT_DB_ALIAS, connections
 
 _executor = None
 _workers = 0  # the executor's thread count, as created
@@ -81,3 +81,35 @@ def close_connections():
     for future in [pool.submit(close) for _ in range(workers)]:
         future.result()
     pool.shutdown(wait=True)
+
+
+class PreparedQuery:
+    """A query the ORM compiles once per database and then runs with new parameters: for the hot path.
+
+    Compiling a queryset (joins, select list, WHERE) costs ~10 times more CPU than running it on SQLite, on every
+    request; the API key look-up runs on every request (docs/performance.md). `build(*placeholders)` returns the
+    queryset; it is compiled with the placeholders, and `rows(*params)` runs the compiled SQL with `params` in their
+    place, through the same compiler, so each column gets Django's own conversion (dates, JSON, booleans) for the
+    database in use. The placeholders must be distinct values that compile to one SQL parameter each, in order.
+    Call on a database thread (`run`, `database`).
+    """
+
+    def __init__(self, build, *placeholders):
+        self._build = build
+        self._placeholders = placeholders
+        self._local = threading.local()  # per thread (a compiler holds its thread's connection): alias -> compiled
+
+    def rows(self, *params, using=DEFAULT_DB_ALIAS):
+        cache = self._local.__dict__
+        compiled = cache.get(using)
+        if compiled is None:
+            compiler = self._build(*self._placeholders).query.get_compiler(using)
+            sql, compiled_params = compiler.as_sql()
+            if list(compiled_params) != list(self._placeholders):
+                raise ValueError("the query's parameters are not exactly its placeholders: it cannot be prepared")
+            compiled = cache[using] = (compiler, sql)
+        compiler, sql = compiled
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, params)
+            fetched = cursor.fetchall()
+        return list(compiler.results_iter(results=[fetched]))

@@ -98,8 +98,8 @@ class ThrottleMiddleware:
 
     async def _admit(self, request, api: bool, completion: bool):
         if api:
-            key, limits = await keys.authenticate(request)
-            user_id, key_id, username = key.user_id, key.pk, key.user.get_username()
+            who, limits = await keys.authenticate(request)
+            user_id, key_id, username = who.user_id, who.key_id, who.username
         else:
             user = await request.auser()
             if not user.is_authenticated:
