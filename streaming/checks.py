@@ -5,8 +5,11 @@ from urllib.parse import urlparse
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 
+# Sluice's own checks carry this tag too: servers run just these at start-up (config/asgi.py).
+SLUICE = "sluice"
 
-@register(Tags.security, deploy=True)
+
+@register(Tags.security, SLUICE, deploy=True)
 def check_secret_key(app_configs=None, **kwargs):
     """A server needs DJANGO_SECRET_KEY (sessions, CSRF tokens and password resets are signed with it).
 
@@ -22,7 +25,7 @@ def check_secret_key(app_configs=None, **kwargs):
     return []
 
 
-@register(Tags.security, deploy=False)
+@register(Tags.security, SLUICE, deploy=False)
 def check_settings(app_configs=None, **kwargs):
     errors = []
     url = settings.DATABASE_URL

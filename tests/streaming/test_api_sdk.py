@@ -87,3 +87,15 @@ def test_usage_is_recorded_in_the_ledger(sim, make_user):
     row = settled_row(request_id)
     assert (row.status, row.completion_tokens, row.prompt_tokens, row.usage_reported) == ("completed", 6, 4, True)
     assert row.bytes_sent > 0 and row.time_to_first_token_ms is not None
+
+
+def test_the_api_runs_its_own_middleware_chain_and_the_site_the_full_one(sim, make_user):
+    # config/asgi.py: /v1/ gets settings.API_MIDDLEWARE (no sessions, CSRF, clickjacking headers), the rest of the
+    # site settings.MIDDLEWARE; building the API's chain leaves the process's settings as they were.
+    caller = make_user()
+    api = sim.http.get(sim.api_url + "/models", headers={"Authorization": f"Bearer {caller.key}"})
+    assert api.status_code == 200 and api.headers["x-request-id"].startswith("req_")
+    assert "x-frame-options" not in api.headers and "cookie" not in api.headers.get("vary", "").lower()
+    site = sim.http.get(sim.base_url + "/admin/login/")
+    assert site.status_code == 200 and site.headers["x-frame-options"] == "DENY"
+    assert "csrftoken" in site.cookies
