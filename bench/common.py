@@ -46,8 +46,9 @@ SERVERS = {
     # Sluice's production entry point: Daphne with HTTP backpressure.
     "serve": [PY, "-m", "streaming.serve", "-b", HOST, "-p", "{port}", APP],
     "daphne": [PY, "-m", "daphne", "-b", HOST, "-p", "{port}", APP],
+    # asyncio's loop, as docs/backpressure.md recommends (Uvicorn would pick uvloop, installed for Daphne).
     "uvicorn": [PY, "-m", "uvicorn", APP, "--host", HOST, "--port", "{port}", "--no-access-log",
-                "--log-level", "warning"],
+                "--log-level", "warning", "--loop", "asyncio"],
 }
 SERVER_LABELS = {"serve": "streaming.serve (Daphne + backpressure)", "daphne": "stock Daphne",
                  "uvicorn": "Uvicorn"}

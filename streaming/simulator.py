@@ -357,7 +357,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     app = Simulator(Control(tokens_per_second=args.tokens_per_second, ttft_seconds=args.ttft,
                             default_tokens=args.default_tokens))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # asyncio's loop: the upstream's writes must block while the gateway does not read (docs/backpressure.md).
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, loop="asyncio")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ REDIS_TEST_URL = os.environ.get("SLUICE_TEST_REDIS_URL", f"redis://127.0.0.1:637
 SERVERS = {
     "daphne": [sys.executable, "-m", "streaming.serve", "-b", "127.0.0.1", "-p", "{port}", "config.asgi:application"],
     "uvicorn": [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
-                "--port", "{port}", "--no-access-log", "--log-level", "warning"],
+                "--port", "{port}", "--no-access-log", "--log-level", "warning", "--loop", "asyncio"],
 }
 
 

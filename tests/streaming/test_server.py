@@ -23,7 +23,8 @@ from tests.servers import HOST, PROJECT_ROOT, start_server
 APP = "tests.asgi_apps:app"
 PATCHED_DAPHNE = [sys.executable, "-m", "streaming.serve", "-v", "2", "-b", HOST, "-p", "{port}", APP]
 STOCK_DAPHNE = [sys.executable, "-m", "daphne", "-b", HOST, "-p", "{port}", APP]
-UVICORN = [sys.executable, "-m", "uvicorn", "--host", HOST, "--port", "{port}", "--log-level", "warning", APP]
+UVICORN = [sys.executable, "-m", "uvicorn", "--host", HOST, "--port", "{port}", "--log-level", "warning", "--loop",
+           "asyncio", APP]
 
 CHUNK_BYTES = 16 * 1024
 BIG_STREAM_CHUNKS = 4096  # 64 MiB
