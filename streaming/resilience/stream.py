@@ -61,7 +61,9 @@ async def open_to_first_token(url, body, request_id, timeout_seconds, commit_aft
             pending = asyncio.ensure_future(events.read_batch())
             done, _ = await asyncio.wait([pending], timeout=max(0.0, min(deadline, commit_at) - loop.time()))
             if not done:
-                if loop.time() >= deadline:
+                # Which limit was reached, from the limits themselves: a loop's clock may read a hair before the
+                # deadline when its timer fires (uvloop's has millisecond resolution).
+                if deadline <= commit_at:
                     raise TimeoutError
                 return events, seen, pending
             batch = pending.result()
