@@ -26,6 +26,10 @@ LEVELS = [(1, 60, TOKENS, 0), (50, 250, TOKENS, 0), (200, 600, TOKENS, 0)]
 LONG_LEVEL = (50, 50, 1000, 0)
 # Paced like a model (one token per upstream event and per client write, no coalescing): 4 s streams.
 PACED_LEVEL = (50, 100, TOKENS, 50)
+# A diagnostic, not the target's measure: TTFT at one stream with 2-token answers, i.e. the same path to the first
+# token without the rest of a 200-token burst (the simulator generating it, the gateway relaying it) competing with
+# the client for the machine's 2 cores (docs/performance.md, "Why TTFT is still over 3 ms").
+SHORT_LEVEL = (1, 100, 2, 0)
 WARMUP = 5
 TARGET_CPU_US_PER_TOKEN = 65
 TARGET_TTFT_ADDED_MS = 3
@@ -76,7 +80,7 @@ def run(profile=False):
             time.sleep(1.0)
             idle_warm = gw_monitor.rss()
             with gw_monitor:
-                for concurrency, total, per_stream, rate in [*LEVELS, LONG_LEVEL, PACED_LEVEL]:
+                for concurrency, total, per_stream, rate in [*LEVELS, LONG_LEVEL, PACED_LEVEL, SHORT_LEVEL]:
                     say(f"gateway bench: {concurrency} concurrent, {total} streams of {per_stream} tokens"
                         + (f" at {rate} tokens/s" if rate else ""))
                     sim.control(tokens_per_second=rate)
@@ -124,7 +128,7 @@ def report(rows, idle_cold, idle_warm, stderr):
           f"idle RSS {mb(idle_cold):.1f} MB after start, {mb(idle_warm):.1f} MB after {WARMUP} warm-up requests.\n")
     lines = []
     everything = rows
-    rows, long_pair, paced_pair = rows[:-2], rows[-2], rows[-1]
+    rows, long_pair, paced_pair, short_pair = rows[:-3], rows[-3], rows[-2], rows[-1]
     for direct, through in everything:
         for name, r in (("direct", direct), ("gateway", through)):
             lines.append((
@@ -172,6 +176,9 @@ def report(rows, idle_cold, idle_warm, stderr):
           f"{paced_per_token * 1e6:.0f} µs paced → {verdict(paced_per_token * 1e6 <= TARGET_CPU_US_PER_TOKEN)}")
     print(f"- TTFT added ≤ {TARGET_TTFT_ADDED_MS} ms p50 at one stream: +{added:.2f} ms → "
           f"{verdict(added <= TARGET_TTFT_ADDED_MS)}")
+    short_added = short_pair[1]["ttft_p50"] - short_pair[0]["ttft_p50"]
+    print(f"  (diagnostic, not the target's measure: +{short_added:.2f} ms with {short_pair[1]['per_stream']}-token "
+          f"answers, where no rest of a stream competes with the client for the 2 cores)")
     print(f"- idle RSS ≤ {TARGET_IDLE_RSS_MB} MB: {mb(idle_cold):.1f} MB after start, {mb(idle_warm):.1f} MB warm → "
           f"{verdict(max(idle_cold, idle_warm) / 1e6 <= TARGET_IDLE_RSS_MB)}")
     exceptions = log_exceptions(stderr, "gateway-stderr")
