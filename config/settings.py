@@ -164,9 +164,8 @@ STREAM_GLOBAL_BUFFER_BYTES = env_int("STREAM_GLOBAL_BUFFER_BYTES", 64 * 1024 * 1
 STREAM_STALL_TIMEOUT = env_float("STREAM_STALL_TIMEOUT", 30.0)
 STREAM_MAX_DURATION = env_float("STREAM_MAX_DURATION", 600.0)
 STREAM_HEARTBEAT_INTERVAL = env_float("STREAM_HEARTBEAT_INTERVAL", 10.0)
-# The Daphne server's event loop: uvloop or asyncio. Read from the environment by streaming/reactor.py, before
-# these settings load; here for the system check (sluice.E009).
-SLUICE_EVENT_LOOP = os.environ.get("SLUICE_EVENT_LOOP", "").strip().lower() or "uvloop"
+# SLUICE_EVENT_LOOP (uvloop or asyncio, the Daphne server's event loop) is read by streaming/reactor.py, before
+# these settings load, and checked by streaming/checks.py (sluice.E009).
 
 # Upstream timeouts and retries (docs/resilience.md).
 UPSTREAM_CONNECT_TIMEOUT = env_float("UPSTREAM_CONNECT_TIMEOUT", 5.0)

@@ -69,7 +69,7 @@ def check_settings(app_configs=None, **kwargs):
 def _check_event_loop():
     from . import reactor
 
-    name = settings.SLUICE_EVENT_LOOP
+    name = reactor.event_loop_name()
     if name not in reactor.EVENT_LOOPS:
         return [Error(f"SLUICE_EVENT_LOOP is '{name}', which is not an event loop Sluice knows.",
                       hint="Use SLUICE_EVENT_LOOP=uvloop (the default) or SLUICE_EVENT_LOOP=asyncio.", id="sluice.E009")]
