@@ -38,9 +38,10 @@ async def authenticate(request):
 
 
 QUOTA_FIELDS = (*LIMIT_FIELDS, "suspended", "timezone")
+USERNAME = f"user__{get_user_model().USERNAME_FIELD}"
 # The key, its user, and the user's quota record and plan (LEFT JOINs: a user may have no record), in one query.
 COLUMNS = ("id", "user_id", "hashed_key", "expires_at", "revoked_at", "last_used_at", "user__is_active",
-           f"user__{get_user_model().USERNAME_FIELD}", "user__quota__id",
+           USERNAME, "user__quota__id",
            *(f"user__quota__{name}" for name in QUOTA_FIELDS), *(f"user__quota__plan__{name}" for name in LIMIT_FIELDS))
 # Compiled once per database thread (quotas/db.py): the ORM's compilation of these joins cost several times the
 # query itself on every request.
@@ -71,6 +72,4 @@ def _look_up(raw):
         quota = SimpleNamespace(**{name: values[f"user__quota__{name}"] for name in QUOTA_FIELDS},
                                 plan=SimpleNamespace(**{name: values[f"user__quota__plan__{name}"]
                                                         for name in LIMIT_FIELDS}))
-    caller = Authenticated(key_id=key.pk, user_id=key.user_id,
-                           username=values[f"user__{get_user_model().USERNAME_FIELD}"])
-    return caller, limits_of(quota)
+    return Authenticated(key_id=key.pk, user_id=key.user_id, username=values[USERNAME]), limits_of(quota)
