@@ -157,6 +157,7 @@ class Relay:
         lease = exchange.lease
         include_usage = exchange.chat.include_usage
         final = b""
+        first = True
         try:
             while True:
                 self.reading_since = time.monotonic()
@@ -214,6 +215,11 @@ class Relay:
                     batch = parts = data = chunk = choices = choice = delta = content = usage = None
                     await self.buffer.put(part)
                     part = None
+                    if first:
+                        first = False
+                        # One loop turn, for the response to write the first token before this task reads on: a
+                        # provider that is ahead would otherwise keep it relaying the rest of its answer first.
+                        await asyncio.sleep(0)
                 if self.draining:
                     self.buffer.end(DONE)
                 elif final:

@@ -19,6 +19,7 @@ import warnings
 
 import daphne
 from daphne.http_protocol import WebRequest
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
@@ -90,6 +91,7 @@ class BackpressureServer(Server):
         super().__init__(*args, **kwargs)
         self._gates = {}  # WebRequest -> its ResponseGate, until Daphne reports the request disconnected
         self._channel_gates = {}  # HTTPChannel -> the one ResponseGate registered on it
+        self._written_through = set()  # requests whose last body chunk was written at once, this loop turn
 
     def protocol_connected(self, protocol):
         super().protocol_connected(protocol)
@@ -143,9 +145,31 @@ class BackpressureServer(Server):
             protocol.channel.transport.abortConnection()
 
     async def handle_reply(self, protocol, message):
+        if message.get("type") != "http.response.body" or not message.get("more_body", False):
+            await super().handle_reply(protocol, message)
+            return
+        # A finished Request has no channel attribute any more (Twisted deletes it).
+        transport = getattr(getattr(protocol, "channel", None), "transport", None)
+        idle = (isinstance(transport, tcp.Connection) and not _buffered(transport)
+                and protocol not in self._written_through)
         await super().handle_reply(protocol, message)
-        if message.get("type") == "http.response.body" and message.get("more_body", False):
-            gate = self._gates.get(protocol)
-            if gate is not None:
-                # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
-                await gate.wait()
+        if idle and not (transport.disconnected or transport.disconnecting) and _buffered(transport):
+            # Write now, as asyncio's transports do when nothing is queued, rather than on the reactor's next turn
+            # (which first runs every other ready callback, e.g. the relay reading more of the provider's answer):
+            # a stream's first token reaches the socket sooner. Anything the socket does not take stays buffered
+            # for the reactor, as before; so does an error, which the reactor's own doWrite then meets and handles.
+            # Once per connection per loop turn: an app that sends chunk after chunk without waiting would
+            # otherwise fill the kernel's send buffer (megabytes on loopback) before it ever yields; its later
+            # chunks wait in Twisted's buffer for the reactor, and pause the app past SEND_BUFFER_BYTES, as before.
+            self._written_through.add(protocol)
+            asyncio.get_running_loop().call_soon(self._written_through.discard, protocol)
+            transport.doWrite()
+        gate = self._gates.get(protocol)
+        if gate is not None:
+            # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
+            await gate.wait()
+
+
+def _buffered(transport) -> bool:
+    """Whether a Twisted TCP transport holds bytes not yet written to its socket."""
+    return bool(transport._tempDataLen or len(transport.dataBuffer) > transport.offset)

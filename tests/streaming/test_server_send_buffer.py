@@ -4,8 +4,8 @@
 
 Twisted pauses a connection's producer once its write buffer holds more than ``transport.bufferSize`` bytes, and
 resumes it only once that buffer is empty. So what Twisted holds for a paused stream is what the app wrote between
-the last resume and the pause. A probe server (BackpressureServer with a counting gate) records that figure at every
-pause; ``/held`` reports them. Chunks of 48 KiB tell the thresholds apart: at 32 KiB the first chunk after a resume
+the last resume and the pause. A probe server (BackpressureServer with a counting gate) records what Twisted's write
+buffer holds at every pause; ``/held`` reports them. Chunks of 48 KiB tell the thresholds apart: at 32 KiB the first chunk after a resume
 pauses the app (one chunk held), at Twisted's default 64 KiB it takes two (~96 KiB held per paused stream).
 """
 
@@ -30,21 +30,14 @@ from streaming.server import BackpressureServer, ResponseGate
 from streaming.serve import BackpressureCommandLineInterface
 from tests.asgi_apps import app as stream_app
 
-held_at_pause = []  # body bytes the app wrote since its gate last opened, at each pause
+held_at_pause = []  # the bytes in Twisted's write buffer for the connection, at each pause
 
 
 class CountingGate(ResponseGate):
-    def __init__(self, channel):
-        super().__init__(channel)
-        self.written = 0
-
     def pauseProducing(self):
-        held_at_pause.append(self.written)
+        transport = self.channel.transport
+        held_at_pause.append(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
         super().pauseProducing()
-
-    def resumeProducing(self):
-        self.written = 0
-        super().resumeProducing()
 
 
 streaming.server.ResponseGate = CountingGate
@@ -52,12 +45,6 @@ streaming.server.ResponseGate = CountingGate
 
 class ProbeServer(BackpressureServer):
     send_buffer_bytes = int(os.environ.get("PROBE_SEND_BUFFER_BYTES") or BackpressureServer.send_buffer_bytes)
-
-    async def handle_reply(self, protocol, message):
-        gate = self._gates.get(protocol)
-        if gate is not None and message.get("type") == "http.response.body":
-            gate.written += len(message.get("body", b""))
-        await super().handle_reply(protocol, message)
 
 
 async def app(scope, receive, send):
@@ -117,8 +104,9 @@ def test_a_paused_stream_leaves_one_chunk_in_twisted():
     # The server's own threshold (streaming.server.SEND_BUFFER_BYTES), below one chunk.
     assert held["send_buffer_bytes"] == held["default_send_buffer_bytes"] < CHUNK
     assert held["held_at_pause"], "Twisted never paused the app"
-    # Every pause came right after the first chunk written since the last resume.
-    assert max(held["held_at_pause"]) == CHUNK, held["held_at_pause"][:20]
+    # Every pause came right after the first chunk written since the last resume: one chunk (with its chunked
+    # framing, and the response head at the first pause) in Twisted's buffer.
+    assert CHUNK <= max(held["held_at_pause"]) < 2 * CHUNK, held["held_at_pause"][:20]
 
 
 @pytest.mark.timeout(60)
@@ -126,7 +114,7 @@ def test_with_twisteds_default_threshold_a_paused_stream_would_leave_two():
     """The check above can fail: at Twisted's own 64 KiB the app writes a second chunk before it is paused."""
     with probe_server(send_buffer_bytes=64 * 1024) as server:
         held = stall_then_read_all(server.port, "two-chunks")
-    assert max(held["held_at_pause"]) == 2 * CHUNK, held["held_at_pause"][:20]
+    assert 2 * CHUNK <= max(held["held_at_pause"]) < 3 * CHUNK, held["held_at_pause"][:20]
 
 
 @pytest.mark.timeout(60)
