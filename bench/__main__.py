@@ -12,7 +12,7 @@ import time
 import psutil
 
 from . import bench_backpressure, bench_gateway, bench_quotas, bench_resilience
-from .common import RESULTS_DIR, raise_nofile
+from .common import RESULTS_DIR, describe_scheduling, raise_nofile, shorten_time_slice
 
 SCENARIOS = {"gateway": bench_gateway, "backpressure": bench_backpressure, "quotas": bench_quotas,
              "resilience": bench_resilience}
@@ -47,11 +47,13 @@ def main(argv=None):
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     sys.stdout = Tee(sys.stdout, open(RESULTS_DIR / "last-run.md", "w"))
     soft, hard = raise_nofile()
+    shorten_time_slice()
 
     print(f"# Sluice benchmarks, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
     print(f"Python {platform.python_version()} on {platform.system()} {platform.release()}, "
           f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
           f"RLIMIT_NOFILE {soft}/{hard} (inherited by the servers started here).")
+    print(describe_scheduling())
     started = time.monotonic()
     for name in names:
         t0 = time.monotonic()

@@ -7,12 +7,15 @@ psutil.
 """
 
 import asyncio
+import ctypes
 import json
 import os
+import platform
 import re
 import resource
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -63,6 +66,78 @@ def raise_nofile(wanted=65536):
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# The load generator's own scheduling -------------------------------------------------------------------------
+#
+# On a 2-core machine this process shares the cores with what it measures. Linux's scheduler (EEVDF, kernel
+# 6.6+) lets a running task keep its core for its whole time slice (1.4 ms by default on 2 cores) before a task
+# that just woke up gets it: while the gateway relays a stream and the simulator generates it, the load
+# generator, woken by the first token, waited ~1.3 ms per request for a core before it could read the token
+# (/proc run-queue delay; direct to the simulator, one core stays free and it waits ~0). That wait is the
+# instrument's, not the gateway's: the load generator asks for a 0.1 ms slice, which lets it run as soon as it
+# wakes (kernel 6.12+: a shorter slice preempts at wake-up). The servers keep the default (reset on fork).
+LOAD_GENERATOR_SLICE_NS = 100_000
+_SCHED_ATTR = struct.Struct("IIQiIQQQII")  # struct sched_attr (linux/sched/types.h): 56 bytes
+_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}  # sched_getattr is the next number on both
+SCHED_FLAG_RESET_ON_FORK = 0x01
+
+
+def _sched_attr_call(number, tid, buffer, *extra):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, tid, buffer, *extra) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def time_slice_ns(tid=0):
+    """The time slice the kernel gives thread `tid` (0: this one), in ns; None where it cannot be read."""
+    number = _SCHED_SETATTR.get(platform.machine())
+    if sys.platform != "linux" or number is None:
+        return None
+    buffer = ctypes.create_string_buffer(_SCHED_ATTR.size)
+    try:
+        _sched_attr_call(number + 1, tid, buffer, ctypes.c_uint(_SCHED_ATTR.size), ctypes.c_uint(0))
+    except OSError:
+        return None
+    return _SCHED_ATTR.unpack(buffer.raw)[5] or None
+
+
+def shorten_time_slice(ns=LOAD_GENERATOR_SLICE_NS):
+    """Ask for a short time slice for this thread, not inherited by the processes or threads it starts.
+
+    Returns the slice now in force (ns), or None where the kernel has no such setting (then nothing changed).
+    """
+    number = _SCHED_SETATTR.get(platform.machine())
+    if sys.platform != "linux" or number is None:
+        return None
+    attr = _SCHED_ATTR.pack(_SCHED_ATTR.size, os.SCHED_OTHER, SCHED_FLAG_RESET_ON_FORK, os.getpriority(
+        os.PRIO_PROCESS, 0), 0, ns, 0, 0, 0, 0)
+    try:
+        _sched_attr_call(number, 0, ctypes.create_string_buffer(attr), ctypes.c_uint(0))
+    except OSError:
+        return None
+    return time_slice_ns()
+
+
+def run_queue_wait():
+    """Seconds this thread has spent runnable but waiting for a core (/proc schedstat), or None."""
+    try:
+        with open("/proc/thread-self/schedstat") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def describe_scheduling(servers=()):
+    """One line for the reports: the load generator's slice and the servers' (pids)."""
+    mine = time_slice_ns()
+    if mine is None:
+        return "Load generator: the kernel's default scheduling (no time-slice setting on this system)."
+    theirs = sorted({ns for ns in (time_slice_ns(pid) for pid in servers) if ns})
+    return (f"Load generator: {mine / 1e6:g} ms time slice (LOAD_GENERATOR_SLICE_NS, bench/common.py)"
+            + (f"; servers: {', '.join(f'{ns / 1e6:g}' for ns in theirs)} ms, the kernel's default" if theirs else "")
+            + ".")
 
 
 def secret_key():
