@@ -184,8 +184,8 @@ def report(rows, idle_cold, idle_warm, stderr, scheduling=""):
     print(f"- TTFT added ≤ {TARGET_TTFT_ADDED_MS} ms p50 at one stream: +{added:.2f} ms → "
           f"{verdict(added <= TARGET_TTFT_ADDED_MS)}")
     if one[0]["client_wait_ms"] is not None:
-        print(f"  (the load generator waited {one[0]['client_wait_ms']:.2f} ms per request for a core direct, "
-              f"{one[1]['client_wait_ms']:.2f} ms through the gateway: its own scheduling, not the gateway's latency)")
+        print(f"  (the load generator's own wait for a core, per request: {one[0]['client_wait_ms']:.2f} ms direct, "
+              f"{one[1]['client_wait_ms']:.2f} ms through the gateway; docs/performance.md, \"TTFT at one stream\")")
     short_added = short_pair[1]["ttft_p50"] - short_pair[0]["ttft_p50"]
     print(f"  (diagnostic, not the target's measure: +{short_added:.2f} ms with {short_pair[1]['per_stream']}-token "
           f"answers, where no rest of a stream keeps both cores busy)")
