@@ -7,6 +7,7 @@ import json
 import threading
 
 from django.core import signals
+from django.db import close_old_connections
 from django.core.handlers.asgi import ASGIHandler
 
 from config import asgi
@@ -55,11 +56,17 @@ async def test_the_api_sends_request_started_and_finished_from_the_loop_thread()
 
     signals.request_started.connect(started)
     signals.request_finished.connect(finished)
+    # As Django's test client does: this thread (the test's) may hold the test database's connection, which
+    # close_old_connections must not touch; a server's loop thread holds none.
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
     try:
         status, body = await call(asgi.api_application, "/v1/models")
     finally:
         signals.request_started.disconnect(started)
         signals.request_finished.disconnect(finished)
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
     # The request went through the API's chain (no key: OpenAI's 401) ...
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     # ... and every receiver was called once each, in order, on this (the event loop's) thread: no worker thread.
