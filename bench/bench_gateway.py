@@ -175,7 +175,9 @@ def report(rows, idle_cold, idle_warm, stderr, scheduling=""):
     print("\nTargets:")
     print(f"- gateway CPU ≤ {TARGET_CPU_US_PER_TOKEN} µs per streamed token: "
           + ", ".join(f"{t['gw_cpu_us']:.0f} µs at {t['concurrency']}" for _, t in rows)
-          + f" ({TOKENS}-token streams) → {verdict(worst_cpu <= TARGET_CPU_US_PER_TOKEN)}; "
+          + f" ({TOKENS}-token streams; in CPU seconds per 1,000 tokens: "
+          + ", ".join(f"{t['gw_cpu_us'] / 1000:.3f}" for _, t in rows)
+          + f") → {verdict(worst_cpu <= TARGET_CPU_US_PER_TOKEN)}; "
           f"{long_pair[1]['gw_cpu_us']:.0f} µs with {long_pair[1]['per_stream']}-token streams → "
           f"{verdict(long_pair[1]['gw_cpu_us'] <= TARGET_CPU_US_PER_TOKEN)}; {paced['gw_cpu_us']:.0f} µs paced at "
           f"{paced['rate']} tokens/s → {verdict(paced['gw_cpu_us'] <= TARGET_CPU_US_PER_TOKEN)}; marginal cost per "
