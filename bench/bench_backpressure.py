@@ -3,15 +3,15 @@
 1. Slow readers. 30 clients (SO_RCVBUF 4096 set before connect, 256 B read every 100 ms) each ask for a
    2,000-token stream from an upstream that streams at full speed, with `token_padding` making each stream
    tens of MB (far more than loopback's autotuned socket buffers on both hops). The same gateway app is served by
-   `python -m streaming.serve` (Daphne + backpressure), stock `python -m daphne` and `python -m uvicorn`. Over
+   `python -m streaming.server` (Daphne + backpressure), stock `python -m daphne` and `python -m uvicorn`. Over
    SAMPLE_SECONDS it prints the gateway's RSS (a time series) and what the simulator's /stats says about the
    upstream: bytes produced for these 30 requests, whether that still grows, and how many of its writes are
    blocked right now (the upstream paused by backpressure).
 2. Many streams. 500 concurrent streams of 200 tokens at 20 tokens/s (10 s each) through one
-   `streaming.serve` process: errors, TTFT, the inter-token gaps seen by the clients minus the upstream's 50 ms,
+   `streaming.server` process: errors, TTFT, the inter-token gaps seen by the clients minus the upstream's 50 ms,
    the gateway's CPU per token and memory per stream ((peak RSS − idle RSS) / 500).
 
-Only the slow readers, on the servers named (default: streaming.serve alone, about 40 s):
+Only the slow readers, on the servers named (default: streaming.server alone, about 40 s):
 `python -m bench.bench_backpressure [serve] [daphne] [uvicorn]`.
 """
 
@@ -129,7 +129,7 @@ def report_slow_readers(results):
         growth = mb(serve["peak"] - serve["idle"])
         last, before = serve["series"][-1][2], serve["series"][-2][2]
         paused = last["bytes"] == before["bytes"] and last["blocked_now"] == last["requests"] == READERS
-        print(f"- streaming.serve: ≤ {TARGET_GROWTH_MB} MB RSS growth for {READERS} slow readers: {growth:+.1f} MB → "
+        print(f"- streaming.server: ≤ {TARGET_GROWTH_MB} MB RSS growth for {READERS} slow readers: {growth:+.1f} MB → "
               f"{verdict(growth <= TARGET_GROWTH_MB)}; upstream paused (no bytes in the last "
               f"{SAMPLE_AT[-1] - SAMPLE_AT[-2]} s, {last['blocked_now']}/{READERS} writes blocked) → {verdict(paused)}")
     if serve and stock:
@@ -196,7 +196,7 @@ def many_row(m):
 
 def report_many(runs):
     expected = (MANY_TOKENS - 1) / MANY_RATE
-    print(f"\n## Many streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s (10 s each) through one streaming.serve "
+    print(f"\n## Many streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s (10 s each) through one streaming.server "
           f"process, requests sent over {MANY_RAMP_SECONDS:g} s\n")
     rows, figures = [], []
     for m in runs:

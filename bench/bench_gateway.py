@@ -1,6 +1,6 @@
 """Gateway overhead: the same streams direct to the simulated upstream and through the gateway.
 
-The simulator runs alone under Uvicorn (full speed); the gateway is `python -m streaming.serve` (Daphne with
+The simulator runs alone under Uvicorn (full speed); the gateway is `python -m streaming.server` (Daphne with
 backpressure) on a temporary SQLite database with the in-process counter store. At 1, 50 and 200 concurrent
 streams of 200 tokens it prints TTFT p50/p99 (request sent → first content chunk read), aggregate tokens/s, the
 gateway's CPU time per streamed token (psutil user+system of its pid over the run), its idle and peak RSS, and
@@ -130,7 +130,7 @@ def profile_gateway(pid, name, load, seconds=8):
 
 def report(rows, idle_cold, idle_warm, stderr, scheduling=""):
     print(f"\n## Gateway overhead: {TOKENS}-token streams at full speed, direct vs through the gateway\n")
-    print(f"Gateway: `python -m streaming.serve` (Daphne + backpressure), SQLite, in-process store; "
+    print(f"Gateway: `python -m streaming.server` (Daphne + backpressure), SQLite, in-process store; "
           f"idle RSS {mb(idle_cold):.1f} MB after start, {mb(idle_warm):.1f} MB after {WARMUP} warm-up requests. "
           f"{scheduling}\n")
     lines = []

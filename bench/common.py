@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx2
 import psutil
 
-from tests.servers import start_server
+from bench.servers import start_server
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"  # git-ignored: raw profiles and JSON of the last runs
@@ -47,13 +47,13 @@ CARRY = len(TOKEN_MARK) - 1
 
 SERVERS = {
     # Sluice's production entry point: Daphne with HTTP backpressure.
-    "serve": [PY, "-m", "streaming.serve", "-b", HOST, "-p", "{port}", APP],
+    "serve": [PY, "-m", "streaming.server", "-b", HOST, "-p", "{port}", APP],
     "daphne": [PY, "-m", "daphne", "-b", HOST, "-p", "{port}", APP],
     # asyncio's loop, as docs/backpressure.md recommends (Uvicorn would pick uvloop, installed for Daphne).
     "uvicorn": [PY, "-m", "uvicorn", APP, "--host", HOST, "--port", "{port}", "--no-access-log",
                 "--log-level", "warning", "--loop", "asyncio"],
 }
-SERVER_LABELS = {"serve": "streaming.serve (Daphne + backpressure)", "daphne": "stock Daphne",
+SERVER_LABELS = {"serve": "streaming.server (Daphne + backpressure)", "daphne": "stock Daphne",
                  "uvicorn": "Uvicorn"}
 
 
@@ -649,13 +649,13 @@ def summarize_profile(path, top=15):
 AREAS = [
     ("upstream connection set-up (anyio connect_tcp, getaddrinfo)", ("connect_tcp", "getaddrinfo")),
     ("ledger writes (open_ledger, close_ledger; SQLite)", ("open_ledger", "close_ledger", "record_refusal")),
-    ("API key + limits look-ups (authenticate, effective_limits)", ("authenticate (quotas", "effective_limits",
+    ("API key + limits look-ups (authenticate, caller_limits)", ("authenticate (quotas", "caller_limits",
                                                                     "_touch (quotas")),
     ("counter store (rate, slot, lease, settle, permits)", ("quotas/store/",)),
-    ("relay: JSON parse + metering per chunk (Relay._pump)", ("Relay._pump", "chunk_tokens")),
+    ("relay: JSON parse + metering per chunk (classify, Relay._pump)", ("Relay._pump", "chunk_tokens", "classify")),
     ("upstream read: httpx2/httpcore/h11 + SSE split (EventStream)", ("EventStream.read_batch",
                                                                      "GuardedStream.read_batch")),
-    ("openai client: building + sending the request", ("streaming/upstream.py", "openai/")),
+    ("openai client: building + sending the request", ("streaming/provider/client.py", "openai/")),
     ("Django's sync middleware (Session, Auth, Csrf, Messages, ...)", ("django/middleware/",
                                                                        "django/contrib/sessions/",
                                                                        "django/contrib/auth/middleware",
@@ -663,7 +663,7 @@ AREAS = [
                                                                        "django/utils/deprecation.py")),
     ("sync_to_async thread hops (executor, threads, context)", ("asgiref/", "concurrent/futures/", "threading.py")),
     ("Django ASGI handler + response", ("django/core/handlers/", "django/http/")),
-    ("Daphne/Twisted HTTP + write path", ("daphne/", "twisted/", "streaming/server.py")),
+    ("Daphne/Twisted HTTP + write path", ("daphne/", "twisted/", "streaming/server/")),
     ("asyncio event loop", ("asyncio/", "selectors.py")),
 ]
 

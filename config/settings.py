@@ -68,11 +68,11 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "quotas.middleware.ThrottleMiddleware",
+    "streaming.gateway.middleware.ThrottleMiddleware",
 ]
 
-# /v1/ (bearer tokens, no cookies) runs this shorter, async-only chain (config/asgi.py APIHandler).
-API_MIDDLEWARE = ["quotas.middleware.ThrottleMiddleware"]
+# /v1/ (bearer tokens, no cookies) runs this shorter, async-only chain (streaming/gateway/handler.py).
+API_MIDDLEWARE = ["streaming.gateway.middleware.ThrottleMiddleware"]
 
 ROOT_URLCONF = "config.urls"
 TEMPLATES = [
@@ -108,7 +108,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_sluice_{os.getpid()}"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-# Threads that run the gateway's queries and keep their connections (quotas/db.py): one on SQLite (a single
+# Threads that run the gateway's queries and keep their connections (quotas/domain/db.py): one on SQLite (a single
 # writer), a few on PostgreSQL.
 DB_THREADS = env_int("DB_THREADS", 1 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3" else 4)
 
@@ -134,7 +134,7 @@ SLUICE_COUNTER_STORE = os.environ.get("SLUICE_COUNTER_STORE", SLUICE_COUNTER_STO
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
-CSRF_FAILURE_VIEW = "streaming.views.csrf_failure"
+CSRF_FAILURE_VIEW = "streaming.gateway.views.csrf_failure"
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -164,7 +164,7 @@ STREAM_GLOBAL_BUFFER_BYTES = env_int("STREAM_GLOBAL_BUFFER_BYTES", 64 * 1024 * 1
 STREAM_STALL_TIMEOUT = env_float("STREAM_STALL_TIMEOUT", 30.0)
 STREAM_MAX_DURATION = env_float("STREAM_MAX_DURATION", 600.0)
 STREAM_HEARTBEAT_INTERVAL = env_float("STREAM_HEARTBEAT_INTERVAL", 10.0)
-# SLUICE_EVENT_LOOP (uvloop or asyncio, the Daphne server's event loop) is read by streaming/reactor.py, before
+# SLUICE_EVENT_LOOP (uvloop or asyncio, the Daphne server's event loop) is read by streaming/server/reactor.py, before
 # these settings load, and checked by streaming/checks.py (sluice.E009).
 
 # Upstream timeouts and retries (docs/resilience.md).

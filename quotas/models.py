@@ -10,10 +10,18 @@ import secrets
 import zoneinfo
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
-TIMEZONE_CHOICES = sorted((tz, tz) for tz in zoneinfo.available_timezones())
+
+
+def validate_timezone(value):
+    """An IANA zone name the installed tz database knows (validated, not frozen into a migration as choices)."""
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(f"'{value}' is not a time zone name, e.g. Europe/Paris or UTC.", code="invalid_timezone")
 
 
 class Plan(models.Model):
@@ -50,7 +58,7 @@ class UserQuota(models.Model):
     max_tokens_per_request = models.PositiveIntegerField(null=True, blank=True)
     allowed_models = models.JSONField(null=True, blank=True)
     suspended = models.BooleanField(default=False)
-    timezone = models.CharField(max_length=64, default="UTC", choices=TIMEZONE_CHOICES,
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone],
                                 help_text="Daily and monthly windows start at midnight here.")
 
     class Meta:

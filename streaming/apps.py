@@ -1,8 +1,8 @@
 from django.apps import AppConfig
 
-from . import reactor
+from .server import reactor
 
-# Before daphne's app is imported (it installs Twisted's reactor on asyncio's stock loop): see streaming/reactor.py.
+# Before daphne's app is imported (it installs Twisted's reactor on asyncio's stock loop): see streaming/server/reactor.py.
 reactor.install()
 
 

@@ -67,7 +67,7 @@ def check_settings(app_configs=None, **kwargs):
 
 
 def _check_event_loop():
-    from . import reactor
+    from .server import reactor
 
     name = reactor.event_loop_name()
     if name not in reactor.EVENT_LOOPS:

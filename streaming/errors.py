@@ -1,8 +1,9 @@
-"""Errors in OpenAI's wire format, turned into HTTP in one place.
+"""Errors in OpenAI's wire format, and the one mapping to them (and the rate-limit headers' duration format).
 
-Every refusal under /v1/ is an `ApiError` (or a subclass raised by the quota layer) and becomes
-``{"error": {"message", "type", "param", "code"}}`` with the right status; after an SSE body has
-started, the same error becomes a final ``data: {"error": ...}`` event instead.
+Every refusal under /v1/ becomes ``{"error": {"message", "type", "param", "code"}}`` with the right status; after
+an SSE body has started, the same error becomes a final ``data: {"error": ...}`` event instead. The quota domain
+raises its own exceptions (quotas/domain/exceptions.py) and the provider side raises `UpstreamError`
+(streaming/provider/errors.py): `api_error` below is the only place either is given a status, a type and a message.
 """
 
 import json
@@ -10,8 +11,11 @@ from dataclasses import dataclass, field
 
 from django.http import JsonResponse
 
+from quotas.domain import exceptions as quota
+from streaming.provider.errors import UpstreamError
 
-@dataclass
+
+@dataclass(eq=False)
 class ApiError(Exception):
     message: str
     status: int = 400
@@ -39,9 +43,64 @@ class ApiError(Exception):
         return b"data: " + json.dumps(self.payload()).encode() + b"\n\n"
 
 
+def duration(seconds: float) -> str:
+    """OpenAI's format for the x-ratelimit-reset-* headers: 1s, 6m0s, 1h2m3s."""
+    seconds = max(0, int(seconds + 0.999))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
 def invalid(message, param=None, code=None):
     return ApiError(message, status=400, param=param, code=code)
 
 
 def not_found(message, code="not_found"):
     return ApiError(message, status=404, code=code)
+
+
+_KEY_MESSAGES = {
+    quota.InvalidApiKey.MISSING: "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+    quota.InvalidApiKey.INCORRECT: "Incorrect API key provided.",
+    quota.InvalidApiKey.INACTIVE: "This API key has been revoked or has expired.",
+}
+
+
+def api_error(exc: Exception) -> ApiError:
+    """The OpenAI-format error for a domain refusal or a provider failure (an ApiError is returned as it is)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UpstreamError):
+        return ApiError(exc.message, status=exc.status, type="server_error" if exc.status >= 500 else "upstream_error",
+                        code=exc.code, retry_after_seconds=exc.retry_after_seconds)
+    if isinstance(exc, quota.QuotaExceeded):
+        return ApiError(f"You exceeded your {'daily' if exc.scope == 'day' else 'monthly'} token quota. "
+                        f"It resets at {exc.resets_at.isoformat()}.", status=429, type="insufficient_quota",
+                        code=exc.code, retry_after_seconds=exc.retry_after_seconds)
+    if isinstance(exc, quota.RateLimited):
+        return ApiError(f"Rate limit reached: {exc.limit} requests per minute. "
+                        f"Retry after {exc.retry_after_seconds:.0f} s.", status=429, type="requests", code=exc.code,
+                        retry_after_seconds=exc.retry_after_seconds)
+    if isinstance(exc, quota.ConcurrencyLimited):
+        return ApiError(f"Too many concurrent requests: your limit is {exc.limit} at a time. Wait for one to finish.",
+                        status=429, type="requests", code=exc.code, retry_after_seconds=exc.retry_after_seconds)
+    if isinstance(exc, quota.InvalidApiKey):
+        return ApiError(_KEY_MESSAGES[exc.reason], status=401, code=exc.code)
+    if isinstance(exc, quota.Suspended):
+        return ApiError("This account is suspended. Contact the operator.", status=403, type="permission_error",
+                        code=exc.code)
+    if isinstance(exc, quota.ModelNotAllowed):
+        return ApiError(f"The model '{exc.model}' does not exist or you do not have access to it.", status=404,
+                        param="model", code=exc.code)
+    if isinstance(exc, quota.CounterStoreDown):
+        return ApiError(f"The {exc.limit} service is temporarily unavailable. Retry shortly.", status=503,
+                        type="server_error", code=exc.code, retry_after_seconds=exc.retry_after_seconds)
+    raise TypeError(f"no OpenAI error for {type(exc).__name__}") from exc
+
+
+# What api_error maps: the exceptions a view or the relay turns into an error response or event.
+MAPPED = (ApiError, UpstreamError, quota.QuotaRefusal)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from streaming.simulator import WORDS
+from streaming.simulator.app import WORDS
 from tests.browser.conftest import screenshot, sign_in
-from tests.conftest import eventually, settled_row
+from tests.support.gateways import eventually, settled_row
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

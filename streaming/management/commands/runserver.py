@@ -5,7 +5,7 @@ The ``streaming`` app is listed before ``daphne`` in INSTALLED_APPS, so this com
 
 from daphne.management.commands.runserver import Command as DaphneRunserverCommand
 
-from streaming.server import BackpressureServer
+from streaming.server.backpressure import BackpressureServer
 
 
 class Command(DaphneRunserverCommand):

@@ -1,0 +1,173 @@
+"""Token leases: a request's hold on its user's day and month windows, from admission to settlement.
+
+Every token the client receives is covered by the lease first, so the windows' limits hold mid-stream across
+concurrent streams and processes; `settle` turns the lease into the tokens actually charged and returns the rest.
+docs/quotas.md explains the arithmetic.
+"""
+
+import asyncio
+import logging
+import time
+
+from django.conf import settings
+from django.utils import timezone
+
+from ..store import StoreUnavailable, WindowSpec, get_store
+from .admission import user_key
+from .exceptions import CounterStoreDown, QuotaExceeded
+from .policy import Limits, calendar_windows, clamp_max_tokens, exhausted_window, first_lease
+from .selectors import ledger_state, limits_of
+
+logger = logging.getLogger("quotas")
+
+# A window's record outlives the window by a day, so a late settlement still finds it.
+WINDOW_MARGIN_SECONDS = 86_400
+# A lease re-reads the user's limits at most this often, so an operator's change reaches running streams at their
+# next lease without a query per lease.
+LIMITS_REFRESH_SECONDS = 5.0
+
+
+def window_key(user_id, window):
+    return user_key(user_id, f"{window.scope[0]}:{window.key}")
+
+
+def window_specs(user_id, limits: Limits, now_dt):
+    windows = calendar_windows(limits, now_dt)
+    specs = [WindowSpec(window_key(user_id, w), w.limit, w.end.timestamp() + WINDOW_MARGIN_SECONDS)
+             for w in windows]
+    return windows, specs
+
+
+async def seed_windows(user_id, windows, specs, missing, now):
+    now_dt = timezone.now()
+    for window, spec in zip(windows, specs):
+        if spec.key in missing:
+            used, leases = await ledger_state(user_id, window, now_dt)
+            logger.info("rebuilt quota window %s from the ledger: %d used, %d running", spec.key, used, len(leases))
+            await get_store().seed(spec, used, leases, now, settings.QUOTA_SLOT_TTL)
+
+
+class TokenLease:
+    def __init__(self, user_id, limits, holder, now_dt):
+        self.user_id = user_id
+        self.limits = limits
+        self.holder = holder
+        self.windows, self.specs = window_specs(user_id, limits, now_dt)
+        self.held = 0  # tokens leased so far: prompt + completion
+        self.prompt_tokens = 0
+        self.max_tokens = 0
+        self.limits_read_at = time.monotonic()
+        self.settled = False
+        self.remaining = None  # in the tightest window, after the last lease
+        self.remaining_by_window = ()  # per window (day, month), after the last lease
+        self.block = settings.QUOTA_LEASE_BLOCK_TOKENS
+
+    @property
+    def completion_leased(self):
+        return self.held - self.prompt_tokens
+
+    async def _lease(self, want):
+        store = get_store()
+        now = time.time()
+        try:
+            for _ in range(3):
+                result = await store.lease(self.specs, self.holder, self.held, want, now, settings.QUOTA_SLOT_TTL)
+                if not result.missing:
+                    self.held += result.granted
+                    self.remaining_by_window = tuple(result.remaining)
+                    self.remaining = min(result.remaining) if result.remaining else 0
+                    return result.granted
+                await seed_windows(self.user_id, self.windows, self.specs, result.missing, now)
+        except StoreUnavailable:
+            logger.warning("counter store unavailable: token quota fails closed")
+            raise CounterStoreDown("quota") from None
+        raise CounterStoreDown("quota")
+
+    def exhausted(self) -> QuotaExceeded:
+        """The refusal for the window that ran out at the last lease, with that window's own reset."""
+        window = exhausted_window(self.windows, self.remaining_by_window)
+        return QuotaExceeded(window.scope, window.seconds_left(timezone.now()), window.end)
+
+    async def admit(self, prompt_tokens, requested_max, stream: bool):
+        """Reserve the prompt and the first block; clamp max_tokens. Raises QuotaExceeded."""
+        self.prompt_tokens = prompt_tokens
+        plan_max = self.limits.max_tokens_per_request
+        wanted_completion = min(requested_max or plan_max, plan_max)
+        block = settings.QUOTA_LEASE_BLOCK_TOKENS if stream else wanted_completion
+        granted = await self._lease(first_lease(prompt_tokens, wanted_completion, block))
+        if granted <= prompt_tokens:
+            refusal = self.exhausted()
+            await self.release()
+            raise refusal
+        # What the completion may use: its first block plus whatever is left in every window.
+        available = granted - prompt_tokens + (self.remaining if stream else 0)
+        self.max_tokens = clamp_max_tokens(requested_max, plan_max, available)
+        return self.max_tokens
+
+    async def need(self, tokens) -> bool:
+        """Make sure `tokens` more completion tokens are covered; False when the quota is spent (`exhausted()`
+        then names the window)."""
+        if time.monotonic() - self.limits_read_at > LIMITS_REFRESH_SECONDS:
+            await self._refresh_limits()
+        # A block at a time, doubling as the stream proves long (one store round trip per block), never more than
+        # the stream may still use: a long stream makes few round trips, and a short one holds little that other
+        # streams of the user cannot have.
+        self.block = min(self.block * 2, settings.QUOTA_LEASE_MAX_BLOCK_TOKENS)
+        want = max(tokens, min(self.block, self.max_tokens - self.completion_leased))
+        granted = await self._lease(want)
+        return granted >= tokens
+
+    async def _refresh_limits(self):
+        self.limits_read_at = time.monotonic()
+        limits = await limits_of(self.user_id)
+        if limits != self.limits:
+            self.limits = limits
+            # Same windows (keys), new limits; a suspension stops the stream at its next lease.
+            new_limits = (0, 0) if limits.suspended else (limits.tokens_per_day, limits.tokens_per_month)
+            self.specs = [WindowSpec(s.key, limit, s.expire_at) for s, limit in zip(self.specs, new_limits)]
+
+    async def renew(self, slot_key):
+        try:
+            await get_store().renew(self.specs, slot_key, self.holder, time.time(), settings.QUOTA_SLOT_TTL)
+        except StoreUnavailable:
+            logger.warning("could not renew a lease; it expires within QUOTA_SLOT_TTL")
+
+    async def release(self):
+        await self.settle(0)
+
+    async def settle(self, charged):
+        """Charge `charged` tokens and return the rest of the lease. Idempotent."""
+        if self.settled:
+            return
+        self.settled = True
+        for attempt in range(3):
+            try:
+                await get_store().settle(self.specs, self.holder, charged)
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(0.05 * (attempt + 1))
+        logger.error("could not settle %s in the counter store; the ledger row is correct", self.holder)
+
+    async def status(self):
+        """Per window: limit, used (settled + leased), remaining, reset time."""
+        store, now = get_store(), time.time()
+        out = {}
+        for window, spec in zip(self.windows, self.specs):
+            state = await store.usage(spec.key, now)
+            if state is None:
+                await seed_windows(self.user_id, [window], [spec], {spec.key}, now)
+                state = await store.usage(spec.key, now) or (0, 0)
+            used = state[0] + state[1]
+            out[window.scope] = {
+                "limit": spec.limit, "used": used, "remaining": max(0, spec.limit - used),
+                "resets_at": window.end.isoformat(), "reset_seconds": window.seconds_left(timezone.now()),
+            }
+        return out
+
+
+async def quota_status(user_id, limits: Limits):
+    """Limits, usage, remaining and reset times of the user's token windows."""
+    try:
+        return await TokenLease(user_id, limits, holder="", now_dt=timezone.now()).status()
+    except StoreUnavailable:
+        raise CounterStoreDown("quota") from None

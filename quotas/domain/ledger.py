@@ -1,0 +1,87 @@
+"""The ledger: one row per admitted or refused request, settled once, and the daily roll-up.
+
+The ledger is the truth about tokens spent; the counter store is a cache of it (docs/quotas.md).
+"""
+
+import functools
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from ..models import DailyUsage, Usage
+from .db import database
+from .policy import Limits, calendar_windows
+
+
+def ledger_row(*, request_id, user_id, api_key_id, model, stream, reserved_tokens, windows) -> Usage:
+    """A request's ledger row, not yet saved (`open_ledger` inserts it, or `close_ledger` with its ending)."""
+    day, month = windows
+    return Usage(
+        request_id=request_id, user_id=user_id, api_key_id=api_key_id, model=model, stream=stream,
+        reserved_tokens=reserved_tokens, day=day.start.date(), month=month.key,
+    )
+
+
+@database
+def open_ledger(row: Usage):
+    """Insert the row of a running request (status `streaming`, holding its reservation)."""
+    row.save(force_insert=True)
+    return row
+
+
+@database
+def close_ledger(row: Usage, **fields):
+    """Settle the request's one row (inserting it if it was never opened) and its daily roll-up, in one
+    transaction."""
+    fields.setdefault("ended_at", timezone.now())
+    fields["reserved_tokens"] = 0
+    for name, value in fields.items():
+        setattr(row, name, value)
+    if row.started_at and row.ended_at:
+        row.duration_ms = int((row.ended_at - row.started_at).total_seconds() * 1000)
+    with transaction.atomic():
+        row.save()
+        _roll_up(row)
+    return row
+
+
+@database
+def record_refusal(*, request_id, user_id, api_key_id, model, code, limits: Limits):
+    """A refused request gets its ledger row too (status `rejected`), for the operator's view."""
+    now = timezone.now()
+    day, month = calendar_windows(limits, now)
+    row = Usage.objects.create(
+        request_id=request_id, user_id=user_id, api_key_id=api_key_id, model=model or "",
+        status=Usage.Status.REJECTED, reason=code, started_at=now, ended_at=now, duration_ms=0,
+        day=day.start.date(), month=month.key,
+    )
+    _roll_up(row)
+    return row
+
+
+_ROLL_UP_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "refusals", "upstream_errors")
+
+
+@functools.cache
+def _roll_up_sql(vendor):
+    """One INSERT … ON CONFLICT DO UPDATE (PostgreSQL and SQLite ≥ 3.24): the day's row gains the request.
+
+    A single statement where the ORM needs an UPDATE, and an INSERT plus a second UPDATE on a user's first
+    request of the day; it is on every request's settlement (docs/performance.md).
+    """
+    meta = DailyUsage._meta
+    table = connection.ops.quote_name(meta.db_table)
+    column = {f.name: connection.ops.quote_name(f.column) for f in meta.concrete_fields}
+    keys = [column["user"], column["model"], column["date"]]
+    counters = [column[name] for name in _ROLL_UP_COUNTERS]
+    return (f"INSERT INTO {table} ({', '.join(keys + counters)}) VALUES ({', '.join(['%s'] * (len(keys) + len(counters)))}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
+            + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in counters))
+
+
+def _roll_up(row):
+    values = (row.user_id, row.model, connection.ops.adapt_datefield_value(row.started_at.date()), 1,
+              row.prompt_tokens, row.completion_tokens,
+              int(row.status == Usage.Status.REJECTED), int(row.status == Usage.Status.UPSTREAM_ERROR))
+    with connection.cursor() as cursor:
+        cursor.execute(_roll_up_sql(connection.vendor), values)

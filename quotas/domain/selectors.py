@@ -1,0 +1,65 @@
+"""Reads: a caller's limits, and the ledger's state of a token window. Services write (STYLE.md, HackSoft).
+
+`caller_limits` is the one way a user's limits are built from the database: authentication (quotas/domain/keys.py)
+and the refresh of a running stream's lease (quotas/domain/leases.py) both call it.
+"""
+
+from datetime import timedelta
+from types import SimpleNamespace
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db.models import F, Sum
+
+from ..models import Plan, Usage
+from .db import PreparedQuery, database
+from .policy import LIMIT_FIELDS, Limits
+
+QUOTA_FIELDS = (*LIMIT_FIELDS, "suspended", "timezone")
+# The user's quota record and its plan (LEFT JOINs: a user may have no record), in one query.
+LIMIT_COLUMNS = ("quota__id", *(f"quota__{name}" for name in QUOTA_FIELDS),
+                 *(f"quota__plan__{name}" for name in LIMIT_FIELDS))
+# A ledger row's tokens, for aggregates.
+TOKENS = F("prompt_tokens") + F("completion_tokens")
+
+# Compiled once per database thread (quotas/domain/db.py): it runs on every authenticated request.
+_limits_row = PreparedQuery(lambda user_id: get_user_model().objects.filter(pk=user_id).values_list(*LIMIT_COLUMNS),
+                            -1)
+
+
+def default_plan() -> Plan:
+    plan = Plan.objects.filter(is_default=True).first()
+    if plan is None:
+        plan = Plan.objects.get_or_create(name="default", defaults={"is_default": True})[0]
+    return plan
+
+
+def caller_limits(user_id) -> Limits:
+    """The user's plan with its per-user overrides; a user without a quota record gets the default plan.
+
+    Sync (a database thread: `db.run`, or `limits_of` from async code).
+    """
+    rows = _limits_row.rows(user_id)
+    if not rows or rows[0][0] is None:
+        return Limits.combine(default_plan())
+    values = rows[0][1:]
+    quota = SimpleNamespace(**dict(zip(QUOTA_FIELDS, values[:len(QUOTA_FIELDS)])))
+    plan = SimpleNamespace(**dict(zip(LIMIT_FIELDS, values[len(QUOTA_FIELDS):])))
+    return Limits.combine(plan, quota)
+
+
+limits_of = database(caller_limits)
+
+
+@database
+def ledger_state(user_id, window, now_dt):
+    """(used, {request_id: reserved}) of one window, from the ledger: what a missing counter record holds."""
+    rows = Usage.objects.filter(user_id=user_id, counted=True)
+    rows = rows.filter(day=window.start.date()) if window.scope == "day" else rows.filter(month=window.key)
+    finished = rows.exclude(status=Usage.Status.STREAMING).aggregate(tokens=Sum(TOKENS, default=0))
+    # Requests still streaming hold at most their reservation; rows older than the longest possible stream belong
+    # to a crashed worker and hold nothing.
+    alive_since = now_dt - timedelta(seconds=settings.STREAM_MAX_DURATION + settings.QUOTA_SLOT_TTL)
+    running = rows.filter(status=Usage.Status.STREAMING, started_at__gte=alive_since)
+    leases = dict(running.values_list("request_id", "reserved_tokens"))
+    return finished["tokens"], leases

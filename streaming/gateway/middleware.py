@@ -1,0 +1,122 @@
+"""Throttle middleware (async only): who is calling, may they, and how much is left.
+
+For /v1/ the caller is the API key's user; for the demo's /api/ endpoints, the session's user. Completion
+endpoints count against the per-minute request limit here (a concurrent-stream slot is the completion's own:
+streaming/streams/completion.py); every metered response carries OpenAI's `x-ratelimit-*` headers.
+"""
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from asgiref.sync import markcoroutinefunction
+from django.middleware.csrf import CsrfViewMiddleware
+
+from quotas.domain import admission, keys, ledger
+from quotas.domain.exceptions import CounterStoreDown, QuotaRefusal, Suspended
+from quotas.domain.leases import quota_status
+from quotas.domain.policy import Limits
+from quotas.domain.selectors import limits_of
+from streaming.errors import api_error, duration
+from streaming.telemetry import metrics
+
+API_PREFIX = "/v1/"
+DEMO_PREFIX = "/api/"
+COMPLETION_PATHS = {"/v1/chat/completions", "/api/chat"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
+
+
+@dataclass
+class Caller:
+    """What the middleware learnt about the request, for the view (`request.sluice`)."""
+
+    request_id: str
+    user_id: int
+    api_key_id: int | None
+    limits: Limits
+    username: str = ""
+    rate: object = None  # this request's RateResult, for the headers
+
+
+class ThrottleMiddleware:
+    sync_capable = False
+    async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        # The demo's session endpoints are checked for CSRF before anything is counted (Django's own check runs
+        # later, once the view is resolved): a forged cross-site POST must not spend its victim's request rate.
+        self._csrf = CsrfViewMiddleware(get_response)
+        markcoroutinefunction(self)
+
+    async def __call__(self, request):
+        path = request.path
+        if path.startswith(API_PREFIX):
+            api = True
+        elif path.startswith(DEMO_PREFIX):
+            api = False
+            if request.method not in SAFE_METHODS:
+                # process_view with no view: the demo's endpoints are never csrf_exempt. Cookie-based tokens
+                # (CSRF_USE_SESSIONS is off), so no query; a pass marks the request checked for Django's own.
+                rejected = self._csrf.process_view(request, None, (), {})
+                if rejected is not None:
+                    return rejected
+        else:
+            return await self.get_response(request)
+        try:
+            caller = await self._admit(request, api, path in COMPLETION_PATHS)
+        except QuotaRefusal as refusal:
+            return api_error(refusal).response()
+        if caller is None:  # not signed in on the demo: the view answers
+            return await self.get_response(request)
+        request.sluice = caller
+        response = await self.get_response(request)
+        response["x-request-id"] = caller.request_id
+        await self._add_headers(response, caller)
+        return response
+
+    async def _admit(self, request, api: bool, completion: bool):
+        if api:
+            scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
+            holder = await keys.authenticate(raw.strip() if scheme.lower() == "bearer" else "")
+            user_id, key_id, username, limits = holder.user_id, holder.key_id, holder.username, holder.limits
+        else:
+            user = await request.auser()
+            if not user.is_authenticated:
+                return None
+            user_id, key_id, username = user.pk, None, user.get_username()
+            limits = await limits_of(user_id)
+        caller = Caller(request_id=f"req_{uuid.uuid4().hex}", user_id=user_id, api_key_id=key_id, limits=limits,
+                        username=username)
+        if not completion:
+            return caller
+        try:
+            if limits.suspended:
+                raise Suspended()
+            caller.rate = await admission.hit_rate(user_id, limits, time.time())
+        except QuotaRefusal as refusal:
+            metrics.REFUSALS.labels(refusal.code).inc()
+            await ledger.record_refusal(request_id=caller.request_id, user_id=user_id, api_key_id=key_id,
+                                        model="", code=refusal.code, limits=limits)
+            raise
+        return caller
+
+    async def _add_headers(self, response, caller):
+        limits = caller.limits
+        response["x-ratelimit-limit-requests"] = str(limits.requests_per_minute)
+        rate = caller.rate
+        if rate is None:
+            rate = await admission.peek_rate(caller.user_id, limits, time.time())
+        if rate is not None:
+            response["x-ratelimit-remaining-requests"] = str(rate.remaining)
+            response["x-ratelimit-reset-requests"] = duration(rate.reset_seconds)
+        response["x-ratelimit-limit-tokens"] = str(limits.tokens_per_day)
+        if "x-ratelimit-remaining-tokens" in response:  # set by the completion, from its lease
+            return
+        try:
+            status = await quota_status(caller.user_id, limits)
+        except CounterStoreDown:
+            return
+        day = status["day"]
+        response["x-ratelimit-remaining-tokens"] = str(day["remaining"])
+        response["x-ratelimit-reset-tokens"] = duration(day["reset_seconds"])

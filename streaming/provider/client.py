@@ -1,0 +1,203 @@
+"""The upstream provider: the only module that imports `openai`.
+
+One shared `AsyncOpenAI` client per process and base URL (its connection pool is reused), pointed
+at OpenAI, any compatible server (vLLM, Ollama, a gateway), or Sluice's own simulated upstream.
+Streams are read as raw server-sent events through the client's streaming response, so chunks
+reach the client as the provider wrote them, without a parse-and-reserialise round trip.
+"""
+
+import email.utils
+import socket
+import time
+
+import aiohttp
+import httpx2
+import openai
+from django.conf import settings
+# The SDK's own aiohttp transport, given a session of ours (below). Not in the SDK's public API: tied to the pinned
+# openai version (requirements.txt), and an import error here names the change at start-up.
+from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
+
+from .errors import UpstreamError
+from .events import Event, SSEParser, classify
+
+SIMULATOR_PREFIX = "/_sim"
+_clients: dict[tuple, openai.AsyncOpenAI] = {}
+
+
+def uses_simulator() -> bool:
+    return not settings.OPENAI_API_KEY and not settings.OPENAI_BASE_URL
+
+
+def provider_url(scope) -> str:
+    """The configured provider, or this process's own simulated upstream (reached over loopback)."""
+    if settings.OPENAI_BASE_URL:
+        return settings.OPENAI_BASE_URL
+    if settings.OPENAI_API_KEY:
+        return "https://api.openai.com/v1"
+    host, port = (scope.get("server") or ("127.0.0.1", 8000))[:2]
+    if host in ("0.0.0.0", "::", "", None):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}{SIMULATOR_PREFIX}/v1"
+
+
+# How far one provider connection reads ahead of the relay (a stream paused by a slow client keeps this much).
+# aiohttp pauses a connection's socket once its StreamReader holds more than twice read_bufsize (256 KiB by
+# default in aiohttp 3.14: 512 KiB), and only after handling a whole socket read; asyncio reads up to 256 KiB at
+# a time from a kernel buffer that autotunes up to tcp_rmem's max. Measured: 30 paused streams held ~520 KiB each
+# in aiohttp. A 16 KiB read_bufsize pauses above 32 KiB; a 32 KiB SO_RCVBUF, set before connecting, bounds each
+# socket read and what the kernel keeps for a paused stream. At a 100 ms round trip that window still carries
+# ~300 KB/s per stream, far above a model's output.
+UPSTREAM_READ_BUFFER_BYTES = 16 * 1024
+UPSTREAM_RECEIVE_BUFFER_BYTES = 32 * 1024
+
+
+def _upstream_socket(addr_info) -> socket.socket:
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UPSTREAM_RECEIVE_BUFFER_BYTES)
+    return sock
+
+
+def _aiohttp_session() -> aiohttp.ClientSession:
+    # The session the SDK's transport would build (its TLS context, 5 s keep-alive), with the read-ahead bounds
+    # above and no connection limit: the transport maps max_connections=None to aiohttp's default of 100.
+    # Called by the transport on its first request, inside the running loop.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=5.0, ssl=httpx2.create_ssl_context(),
+                                     socket_factory=_upstream_socket)
+    return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES)
+
+
+def get_client(url: str) -> openai.AsyncOpenAI:
+    timeouts = (settings.UPSTREAM_CONNECT_TIMEOUT, settings.UPSTREAM_IDLE_TIMEOUT)
+    client = _clients.get((url, timeouts))
+    if client is None:
+        client = _clients[(url, timeouts)] = openai.AsyncOpenAI(
+            api_key=settings.OPENAI_API_KEY or "sluice-simulator",
+            base_url=url,
+            # Sluice retries itself, before the first byte only (docs/resilience.md).
+            max_retries=0,
+            # The read timeout is the longest silence allowed between two chunks.
+            timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT),
+            # The SDK's aiohttp transport (openai[aiohttp]): its C HTTP parser reads an event for a fraction of
+            # the CPU of the default transport's pure-Python stack, on every event of every stream
+            # (docs/performance.md).
+            http_client=openai.DefaultAioHttpClient(
+                transport=AiohttpTransport(client=_aiohttp_session),
+                timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT),
+            ),
+        )
+    return client
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _translate(exc: Exception) -> UpstreamError:
+    # Messages are ours: a provider's text may name its URL, organisation or key prefix.
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        code = (exc.body or {}).get("code") if isinstance(exc.body, dict) else None
+        retry_after = _retry_after(exc.response.headers if exc.response is not None else None)
+        if status == 429 and code == "insufficient_quota":
+            return UpstreamError(503, "upstream_quota", "The upstream provider's account is out of quota.")
+        if status == 429:
+            return UpstreamError(429, "upstream_rate_limited", "The upstream provider is rate limiting requests.",
+                                 retry_after, retryable=True)
+        if status >= 500:
+            return UpstreamError(502, "upstream_error", f"The upstream provider failed (HTTP {status}).",
+                                 retry_after, retryable=True)
+        if status in (401, 403):
+            return UpstreamError(502, "upstream_auth", "The gateway's upstream credentials were refused.")
+        if status == 404:
+            return UpstreamError(404, "model_not_found", "The upstream provider does not serve this model.")
+        return UpstreamError(400, "upstream_rejected", f"The upstream provider rejected the request (HTTP {status}).")
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
+        return UpstreamError(504, "upstream_timeout", "The upstream provider did not answer in time.", retryable=True)
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError, OSError)):
+        return UpstreamError(502, "upstream_unreachable", "Could not reach the upstream provider.", retryable=True)
+    return UpstreamError(502, "upstream_error", "The upstream provider failed.")
+
+
+class EventStream:
+    """An open upstream stream, read as batches: the classified events (events.py) each read completed.
+
+    A batch per network read, not an event at a time: when the provider is ahead (or a client is slow), the
+    events of one read travel through the relay together, as one write (docs/performance.md).
+    """
+
+    def __init__(self, response: httpx2.Response):
+        self._response = response
+        self._pieces = None
+        self._parser = SSEParser()
+        self.closed = False
+
+    async def read_batch(self) -> list[Event] | None:
+        """The events the next read(s) completed (at least one), or None at the body's end."""
+        if self._pieces is None:
+            self._pieces = aiter(self._response.aiter_bytes())
+        while True:
+            try:
+                piece = await anext(self._pieces)
+            except StopAsyncIteration:
+                return None
+            except (httpx2.HTTPError, OSError) as exc:
+                raise _translate(exc) from exc
+            payloads = self._parser.feed(piece)
+            if payloads:
+                return [classify(data) for data in payloads]
+
+    async def aclose(self):
+        """Close the connection: the provider sees it and stops generating."""
+        if not self.closed:
+            self.closed = True
+            # A read still pending in a cancelled task unwinds by itself; a suspended iterator is closed here.
+            if self._pieces is not None and not getattr(self._pieces, "ag_running", False):
+                await self._pieces.aclose()
+            await self._response.aclose()
+
+
+async def _post(url: str, body: dict, request_id: str, stream: bool) -> httpx2.Response:
+    options = {"headers": {"X-Client-Request-Id": request_id}}
+    if stream:
+        # No read timeout on the socket for a stream: it would arm and cancel a timer on every event of every
+        # stream. The first-token deadline (first_token.py) and the relay's watchdog, which ends
+        # a stream silent for UPSTREAM_IDLE_TIMEOUT (streaming/streams/watchdog.py), bound the waits instead.
+        options["timeout"] = httpx2.Timeout(None, connect=settings.UPSTREAM_CONNECT_TIMEOUT)
+    # The client's own request path (base URL, auth, headers, status errors), without the typed `create()`
+    # wrapper: its parameter transformation costs more than the whole relay of a short answer
+    # (docs/performance.md). The body was validated by Sluice already (streaming/gateway/validation.py).
+    try:
+        return await get_client(url).post(
+            "/chat/completions", cast_to=httpx2.Response, body=body, stream=stream, options=options)
+    except Exception as exc:
+        raise _translate(exc) from exc
+
+
+async def open_stream(url: str, body: dict, request_id: str) -> EventStream:
+    """Send a streaming chat completion; returns once the provider answered with its headers."""
+    return EventStream(await _post(url, body, request_id, stream=True))
+
+
+async def complete(url: str, body: dict, request_id: str) -> bytes:
+    """A non-streaming chat completion: the provider's JSON, as it sent it."""
+    return (await _post(url, body, request_id, stream=False)).content

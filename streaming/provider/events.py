@@ -1,0 +1,103 @@
+"""The provider's server-sent events: split from the byte stream and classified, once, for everyone.
+
+`SSEParser` turns the bytes of a response body into the `data` payloads of its events; `classify` tells what one
+payload is. The first-token wait (first_token.py), the permit's outcome (GuardedStream) and the relay
+(streaming/streams/relay.py) all read the same `Event`: a payload is parsed as JSON once.
+"""
+
+import json
+
+from quotas.domain.policy import chunk_tokens
+
+DONE_PAYLOAD = b"[DONE]"
+# Event kinds.
+DONE = "done"  # data: [DONE]
+ERROR = "error"  # {"error": {...}}: the provider failed mid-answer
+INVALID = "invalid"  # not a JSON object
+CHUNK = "chunk"  # a completion chunk (choices and/or usage)
+
+# Delta fields that carry the answer (metered), in the order they are looked at.
+TEXT_FIELDS = ("content", "reasoning_content", "refusal")
+
+
+class Event:
+    """One payload and what it holds. `tokens`: completion tokens it carries, as metered (quotas' chunk_tokens;
+    a tool-call delta counts one). `begins_answer`: the answer has begun (or ended) with it, so that a stream
+    may be handed to the client: text, a tool or function call, a finish reason, usage, [DONE] — and anything
+    that is not a chunk, which is the relay's to report."""
+
+    __slots__ = ("data", "kind", "tokens", "usage", "has_choices", "begins_answer")
+
+    def __init__(self, data, kind, tokens=0, usage=None, has_choices=False, begins_answer=True):
+        self.data = data
+        self.kind = kind
+        self.tokens = tokens
+        self.usage = usage
+        self.has_choices = has_choices
+        self.begins_answer = begins_answer
+
+    def __repr__(self):
+        return f"Event({self.kind}, tokens={self.tokens}, {self.data[:40]!r})"
+
+
+def classify(data: bytes) -> Event:
+    if data == DONE_PAYLOAD:
+        return Event(data, DONE)
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return Event(data, INVALID)
+    if not isinstance(chunk, dict):
+        return Event(data, INVALID)
+    if "error" in chunk:
+        return Event(data, ERROR)
+    usage = chunk.get("usage") or None
+    if not isinstance(usage, dict):
+        usage = None
+    choices = chunk.get("choices")
+    tokens = 0
+    begins = usage is not None
+    if choices and isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and delta:
+                for name in TEXT_FIELDS:
+                    text = delta.get(name)
+                    if text:
+                        tokens += chunk_tokens(text) if isinstance(text, str) else 1
+                        break
+                else:
+                    if delta.get("tool_calls"):
+                        tokens += 1
+                    elif delta.get("function_call"):
+                        begins = True
+            if choice.get("finish_reason"):
+                begins = True
+        return Event(data, CHUNK, tokens, usage, True, begins or tokens > 0)
+    return Event(data, CHUNK, 0, usage, False, begins)
+
+
+class SSEParser:
+    """Feed it the body's bytes as they come; it returns the `data` payloads of the events each piece completed."""
+
+    def __init__(self):
+        self._rest = b""  # an event's beginning, waiting for its end
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        data = self._rest + piece if self._rest else piece
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        *events, self._rest = data.split(b"\n\n")
+        payloads = []
+        for event in events:
+            if event.startswith(b"data:") and b"\n" not in event:  # the usual one-line event
+                payloads.append(event[5:].strip())
+            else:
+                # Several data lines make one payload, joined by newlines (the SSE spec); comments and other
+                # fields (event:, id:, retry:) carry nothing Sluice relays.
+                lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+                if lines:
+                    payloads.append(b"\n".join(lines))
+        return payloads

@@ -1,0 +1,175 @@
+"""Daphne with HTTP backpressure: the application's ``await send()`` waits while the client's socket is full.
+
+Stock Daphne 4.2 writes each body chunk into Twisted's transport and returns at once, and registers no producer
+on the connection, so Twisted's "stop, the send buffer is full" signal reaches nobody and a client that stops
+reading makes the server buffer the whole stream. Here each HTTP request gets a push producer (a "gate") on its
+HTTPChannel, and ``handle_reply`` waits on it after every body chunk. See docs/backpressure.md.
+"""
+
+# Twisted's asyncio reactor on uvloop's loop (reactor.py), before daphne.server installs it on asyncio's.
+from streaming.server import reactor  # isort:skip
+
+reactor.install()
+
+from daphne.server import Server  # noqa: E402  isort:skip
+
+import asyncio
+import logging
+import warnings
+
+import daphne
+from daphne.http_protocol import WebRequest
+from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+logger = logging.getLogger(__name__)
+
+# The gate relies on how Daphne calls protocol_connected/protocol_disconnected and on HTTPChannel's producer
+# handling; both were read and tested against these versions (Twisted 26.10.0).
+TESTED_DAPHNE_VERSION = "4.2.3"
+
+# How many bytes a connection's Twisted write buffer may hold before Twisted pauses the app's send() (Twisted's
+# default, FileDescriptor.bufferSize, is 64 KiB). Twisted checks only after a write, and resumes a paused app only
+# once that buffer is empty, so a paused connection holds what the app wrote since the last resume: up to this
+# much plus the last chunk. The first chunk after a resume is the relay's refilled prefetch buffer (up to
+# STREAM_BUFFER_BYTES, 64 KiB); at 64 KiB it often did not pause the app and a second chunk followed (measured:
+# 60 chunks of ~64 KiB held for 30 paused streams), at 32 KiB the first one does. Lower costs a client that keeps
+# up: at 16 KiB every 16 KiB chunk costs a pause and a reactor turn (a raw 16 KiB-chunk stream: ~13,000
+# chunks/s instead of ~22,000, twice the server CPU per chunk); at 32 KiB the rate was 19,600-21,700 chunks/s.
+# Twisted also reads the socket in pieces of bufferSize (tcp.Connection.doRead), which is ample for requests.
+SEND_BUFFER_BYTES = 32 * 1024
+
+if daphne.__version__ != TESTED_DAPHNE_VERSION:
+    warnings.warn(
+        f"streaming.server.backpressure.BackpressureServer was tested against daphne {TESTED_DAPHNE_VERSION}, "
+        f"but daphne {daphne.__version__} is installed: run tests/streaming/server/test_backpressure_server.py before trusting "
+        "its HTTP backpressure.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+@implementer(IPushProducer)
+class ResponseGate:
+    """One request's pause/resume signal from Twisted, as an asyncio.Event (set = the app may send more).
+
+    Twisted calls these methods from the asyncio reactor's callbacks, i.e. on the event loop's own thread, so
+    plain ``Event.set()``/``clear()`` are safe (no ``call_soon_threadsafe`` needed).
+    """
+
+    def __init__(self, channel):
+        self.channel = channel
+        self._may_produce = asyncio.Event()
+        self._may_produce.set()
+
+    def pauseProducing(self):
+        self._may_produce.clear()
+
+    def resumeProducing(self):
+        self._may_produce.set()
+
+    def stopProducing(self):
+        # The connection is going away: release the app; Daphne drops its later sends.
+        self._may_produce.set()
+
+    async def wait(self):
+        await self._may_produce.wait()
+
+
+class BackpressureServer(Server):
+    """Daphne's Server whose HTTP ``send()`` blocks while Twisted has paused the connection's producer."""
+
+    send_buffer_bytes = SEND_BUFFER_BYTES
+
+    def run(self):
+        loop = reactor.installed_loop()
+        logger.info("Event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
+        super().run()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._gates = {}  # WebRequest -> its ResponseGate, until Daphne reports the request disconnected
+        self._channel_gates = {}  # HTTPChannel -> the one ResponseGate registered on it
+        self._written_through = set()  # requests whose last body chunk was written at once, this loop turn
+
+    def protocol_connected(self, protocol):
+        super().protocol_connected(protocol)
+        # Only plain HTTP requests are gated: WebSocket protocols have no channel (and no flow control in
+        # Daphne at all, django/daphne#170).
+        channel = getattr(protocol, "channel", None)
+        if not isinstance(protocol, WebRequest) or not hasattr(channel, "registerProducer"):
+            return
+        previous = self._channel_gates.pop(channel, None)
+        if previous is not None:
+            # A pipelined request is built inside the previous request's finish(), before that request's
+            # protocol_disconnected runs, and HTTPChannel accepts only one producer at a time: hand over.
+            channel.unregisterProducer()
+            previous.resumeProducing()
+        gate = ResponseGate(channel)
+        transport = getattr(channel, "transport", None)
+        if transport is not None and hasattr(transport, "bufferSize"):
+            # Pause this connection's app sooner than Twisted's 64 KiB default (see SEND_BUFFER_BYTES).
+            transport.bufferSize = self.send_buffer_bytes
+        # On the channel, not the Request: a producer left on a Request makes Request.finish() log CRITICAL
+        # "Producer was not unregistered", and the channel is where the transport's pause/resume arrives.
+        channel.registerProducer(gate, True)
+        self._gates[protocol] = gate
+        self._channel_gates[channel] = gate
+
+    def protocol_disconnected(self, protocol):
+        # Called on finish(), on connection loss and on a WebSocket upgrade (the Request's channel may already be
+        # gone by then, hence gate.channel).
+        super().protocol_disconnected(protocol)
+        gate = self._gates.pop(protocol, None)
+        if gate is None:
+            return
+        gate.resumeProducing()  # wake a send() still waiting: the response is over
+        if self._channel_gates.get(gate.channel) is gate:
+            del self._channel_gates[gate.channel]
+            gate.channel.unregisterProducer()
+
+    def create_application(self, protocol, scope):
+        queue = super().create_application(protocol, scope)
+        instance = self.connections.get(protocol, {}).get("application_instance")
+        if instance is not None and isinstance(protocol, WebRequest):
+            instance.add_done_callback(lambda _: self._abort_unfinished(protocol))
+        return queue
+
+    @staticmethod
+    def _abort_unfinished(protocol):
+        # An app that ends mid-response (e.g. Sluice cutting off a stalled reader by cancelling it) leaves a
+        # response that can never complete, and stock Daphne keeps such a connection open. Drop it, as Uvicorn
+        # does; abort rather than close, since a stalled client would never drain what is buffered.
+        if protocol._response_started and not protocol.finished and protocol.channel is not None:
+            protocol.channel.transport.abortConnection()
+
+    async def handle_reply(self, protocol, message):
+        if message.get("type") != "http.response.body" or not message.get("more_body", False):
+            await super().handle_reply(protocol, message)
+            return
+        # A finished Request has no channel attribute any more (Twisted deletes it).
+        transport = getattr(getattr(protocol, "channel", None), "transport", None)
+        idle = (isinstance(transport, tcp.Connection) and not _buffered(transport)
+                and protocol not in self._written_through)
+        await super().handle_reply(protocol, message)
+        if idle and not (transport.disconnected or transport.disconnecting) and _buffered(transport):
+            # Write now, as asyncio's transports do when nothing is queued, rather than on the reactor's next turn
+            # (which first runs every other ready callback, e.g. the relay reading more of the provider's answer):
+            # a stream's first token reaches the socket sooner. Anything the socket does not take stays buffered
+            # for the reactor, as before; so does an error, which the reactor's own doWrite then meets and handles.
+            # Once per connection per loop turn: an app that sends chunk after chunk without waiting would
+            # otherwise fill the kernel's send buffer (megabytes on loopback) before it ever yields; its later
+            # chunks wait in Twisted's buffer for the reactor, and pause the app past SEND_BUFFER_BYTES, as before.
+            self._written_through.add(protocol)
+            asyncio.get_running_loop().call_soon(self._written_through.discard, protocol)
+            transport.doWrite()
+        gate = self._gates.get(protocol)
+        if gate is not None:
+            # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
+            await gate.wait()
+
+
+def _buffered(transport) -> bool:
+    """Whether a Twisted TCP transport holds bytes not yet written to its socket."""
+    return bool(transport._tempDataLen or len(transport.dataBuffer) > transport.offset)

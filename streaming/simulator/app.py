@@ -1,0 +1,343 @@
+"""A simulated OpenAI-compatible upstream, as a plain ASGI app.
+
+Sluice's default run, its tests and its benchmarks talk to this through the official `openai`
+client over real loopback HTTP: mounted at ``/_sim`` in the gateway's own process when no
+provider is configured, or run alone with ``python -m streaming.simulator --port 8100`` (__main__.py).
+
+It writes deterministic text at a configurable rate and can be told (``POST /control``) to answer
+429 with ``Retry-After``, 5xx, fail mid-stream, or admit only N concurrent requests. ``GET /stats``
+reports what it produced, how long its writes were blocked by a reader that stopped reading
+(backpressure), and which requests saw their connection closed by the gateway.
+"""
+
+import asyncio
+import itertools
+import json
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while sluice keeps every stream "
+    "within its budget and every reader gets each token in order"
+).split()
+# A write that waits longer than this counts as blocked by backpressure.
+BLOCKED_WRITE_SECONDS = 0.05
+
+
+@dataclass
+class Control:
+    """Behaviour switches; `POST /control` replaces any subset, `POST /control/reset` restores these."""
+
+    tokens_per_second: float = 0.0  # 0: as fast as the reader takes them
+    ttft_seconds: float = 0.0
+    default_tokens: int = 48  # completion length when the request sets no max_tokens
+    token_padding: int = 0  # extra characters per token, to make large streams cheaply
+    fail_429_rate: float = 0.0
+    retry_after_seconds: float = 1.0
+    fail_500_rate: float = 0.0
+    fail_midstream_after: int = 0  # >0: drop the connection after this many tokens
+    stall_midstream_after: int = 0  # >0: go silent after this many tokens (the connection stays open)
+    max_concurrent: int = 0  # >0: answer 429 beyond this many requests in flight
+    seed: int = 0
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    client_request_id: str
+    stream: bool
+    started: float
+    tokens_sent: int = 0
+    bytes_sent: int = 0
+    blocked_seconds: float = 0.0
+    blocked_writes: int = 0
+    write_started: float = 0.0  # monotonic time of the send() in progress, 0 when none
+    disconnected: bool = False  # the gateway closed the connection before the end
+    finished: bool = False
+
+
+@dataclass
+class State:
+    control: Control = field(default_factory=Control)
+    counter: itertools.count = field(default_factory=itertools.count)
+    in_flight: int = 0
+    attempts: int = 0
+    rejected_429: int = 0
+    rejected_5xx: int = 0
+    records: deque = field(default_factory=lambda: deque(maxlen=2000))
+
+    def snapshot(self):
+        return {
+            "in_flight": self.in_flight,
+            "attempts": self.attempts,
+            "rejected_429": self.rejected_429,
+            "rejected_5xx": self.rejected_5xx,
+            "tokens_sent": sum(r.tokens_sent for r in self.records),
+            "bytes_sent": sum(r.bytes_sent for r in self.records),
+            "requests": [self._describe(r) for r in self.records],
+            "control": asdict(self.control),
+        }
+
+
+    @staticmethod
+    def _describe(record):
+        described = asdict(record)
+        # A write still waiting is blocked now (the reader of this stream is not reading).
+        described["blocked_now"] = bool(record.write_started) and (
+            time.perf_counter() - record.write_started > BLOCKED_WRITE_SECONDS)
+        return described
+
+
+def count_prompt_tokens(messages):
+    """The simulator's own tokenizer: whitespace-separated words, plus 3 per message."""
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        total += 3 + len(str(content or "").split())
+    return total
+
+
+class Simulator:
+    def __init__(self, control=None):
+        self.state = State(control=control or Control())
+        self.random = random.Random(self.state.control.seed)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        method = scope["method"]
+        if path.endswith("/chat/completions") and method == "POST":
+            body = await _read_body(receive)
+            return await self._chat(scope, receive, send, body)
+        if path.endswith("/models") and method == "GET":
+            models = [{"id": m, "object": "model", "created": 0, "owned_by": "sluice-sim"} for m in ("sim-small", "sim-large")]
+            return await _json(send, 200, {"object": "list", "data": models})
+        if path == "/stats" and method == "GET":
+            return await _json(send, 200, self.state.snapshot())
+        if path == "/control" and method == "POST":
+            changes = json.loads(await _read_body(receive) or b"{}")
+            for name, value in changes.items():
+                if not hasattr(self.state.control, name):
+                    return await _json(send, 400, {"error": f"unknown switch {name}"})
+                setattr(self.state.control, name, type(getattr(self.state.control, name))(value))
+            return await _json(send, 200, asdict(self.state.control))
+        if path == "/control/reset" and method == "POST":
+            await _read_body(receive)
+            self.state = State()
+            self.random = random.Random(0)
+            return await _json(send, 200, asdict(self.state.control))
+        return await _json(send, 404, _error("Not found", "invalid_request_error", "not_found"))
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _chat(self, scope, receive, send, body):
+        state, control = self.state, self.state.control
+        state.attempts += 1
+        try:
+            request = json.loads(body)
+            messages = request["messages"]
+        except (ValueError, KeyError, TypeError):
+            return await _json(send, 400, _error("Invalid body", "invalid_request_error", None))
+        if control.max_concurrent and state.in_flight >= control.max_concurrent:
+            return await self._reject_429(send, "Concurrency limit reached")
+        if control.fail_429_rate and self.random.random() < control.fail_429_rate:
+            return await self._reject_429(send, "Rate limit reached")
+        if control.fail_500_rate and self.random.random() < control.fail_500_rate:
+            state.rejected_5xx += 1
+            return await _json(send, 500, _error("The server had an error", "server_error", None))
+
+        headers = dict(scope.get("headers") or [])
+        record = RequestRecord(
+            id=f"chatcmpl-sim-{next(state.counter)}",
+            client_request_id=headers.get(b"x-client-request-id", b"").decode("latin-1"),
+            stream=bool(request.get("stream")),
+            started=time.time(),
+        )
+        state.records.append(record)
+        state.in_flight += 1
+        try:
+            n_tokens = control.default_tokens
+            if isinstance(request.get("max_completion_tokens") or request.get("max_tokens"), int):
+                n_tokens = min(n_tokens, request.get("max_completion_tokens") or request["max_tokens"])
+            prompt_tokens = count_prompt_tokens(messages)
+            model = request.get("model", "sim-small")
+            if not record.stream:
+                disconnected, watcher = _watch_disconnect(receive)
+                try:
+                    if control.ttft_seconds and await _wait(disconnected, control.ttft_seconds):
+                        record.disconnected = True
+                        return
+                finally:
+                    watcher.cancel()
+                text = "".join(self._token(i, control) for i in range(n_tokens))
+                record.tokens_sent = n_tokens
+                record.finished = True
+                return await _json(send, 200, _completion(record.id, model, text, prompt_tokens, n_tokens))
+            await self._stream(receive, send, record, request, model, n_tokens, prompt_tokens)
+        finally:
+            state.in_flight -= 1
+
+    async def _reject_429(self, send, message):
+        self.state.rejected_429 += 1
+        retry = self.state.control.retry_after_seconds
+        await _json(
+            send, 429, _error(message, "rate_limit_error", "rate_limit_exceeded"),
+            extra_headers=[(b"retry-after", f"{retry:g}".encode())],
+        )
+
+    async def _stream(self, receive, send, record, request, model, n_tokens, prompt_tokens):
+        control = self.state.control
+        disconnected, watcher = _watch_disconnect(receive)
+
+        async def write(payload: bytes):
+            started = record.write_started = time.perf_counter()
+            await send({"type": "http.response.body", "body": payload, "more_body": True})
+            record.write_started = 0.0
+            waited = time.perf_counter() - started
+            if waited > BLOCKED_WRITE_SECONDS:
+                record.blocked_writes += 1
+                record.blocked_seconds += waited
+            record.bytes_sent += len(payload)
+
+        try:
+            await send({
+                "type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            })
+            # A comment first, as providers flush their headers at once (some servers hold them back
+            # until the first body bytes).
+            await write(b": ok\n\n")
+            if control.ttft_seconds and await _wait(disconnected, control.ttft_seconds):
+                record.disconnected = True
+                return
+            created = int(time.time())
+            head = f'{{"id":"{record.id}","object":"chat.completion.chunk","created":{created},"model":"{model}","choices":['
+            await write(_sse(head + '{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'))
+            interval = 1.0 / control.tokens_per_second if control.tokens_per_second else 0.0
+            next_at = time.perf_counter()
+            for i in range(n_tokens):
+                if disconnected.is_set():
+                    record.disconnected = True
+                    return
+                if control.stall_midstream_after and i >= control.stall_midstream_after:
+                    await disconnected.wait()  # a provider that hangs mid-answer: silent until the reader leaves
+                    record.disconnected = True
+                    return
+                if control.fail_midstream_after and i >= control.fail_midstream_after:
+                    # What OpenAI sends when generation fails after the first bytes: an error event.
+                    await write(_sse(json.dumps(_error("The model failed mid-answer", "server_error", "server_error"))))
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    record.finished = True
+                    return
+                if interval:
+                    next_at += interval
+                    delay = next_at - time.perf_counter()
+                    if delay > 0 and await _wait(disconnected, delay):
+                        record.disconnected = True
+                        return
+                else:
+                    # A send() that does not block does not yield either: let the disconnect watcher run.
+                    await asyncio.sleep(0)
+                token = json.dumps(self._token(i, control))
+                await write(_sse(f'{head}{{"index":0,"delta":{{"content":{token}}},"finish_reason":null}}]}}'))
+                record.tokens_sent += 1
+            finish = "length" if n_tokens < control.default_tokens else "stop"
+            await write(_sse(f'{head}{{"index":0,"delta":{{}},"finish_reason":"{finish}"}}]}}'))
+            if (request.get("stream_options") or {}).get("include_usage"):
+                usage_chunk = {"id": record.id, "object": "chat.completion.chunk", "created": created,
+                               "model": model, "choices": [], "usage": _usage(prompt_tokens, n_tokens)}
+                await write(_sse(json.dumps(usage_chunk)))
+            await write(b"data: [DONE]\n\n")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            record.finished = True
+        except OSError:
+            # Servers raise on send() after the peer went away.
+            record.disconnected = disconnected.is_set()
+            if not record.disconnected:
+                raise
+        finally:
+            watcher.cancel()
+
+    def _token(self, i, control):
+        word = WORDS[(i + control.seed) % len(WORDS)]
+        return f" {word}{'.' * control.token_padding}"
+
+
+def _watch_disconnect(receive):
+    """The gateway closing its connection arrives as http.disconnect: an event set when it does."""
+    disconnected = asyncio.Event()
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected.set()
+
+    return disconnected, asyncio.create_task(watch())
+
+
+async def _wait(event, seconds):
+    """Sleep `seconds` unless `event` is set first; return whether it was."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+async def _read_body(receive):
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _json(send, status, payload, extra_headers=()):
+    body = json.dumps(payload).encode()
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+def _sse(data: str) -> bytes:
+    return f"data: {data}\n\n".encode()
+
+
+def _error(message, type_, code):
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def _usage(prompt_tokens, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _completion(id_, model, text, prompt_tokens, completion_tokens):
+    return {
+        "id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": _usage(prompt_tokens, completion_tokens),
+    }
+
+
+application = Simulator()

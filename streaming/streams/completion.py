@@ -1,0 +1,219 @@
+"""One chat completion's whole life, top to bottom: admit → open the provider's stream → relay → settle.
+
+    admit     take a concurrent-stream slot, check the model, write nothing yet, lease the prompt and a first
+              block of tokens (a refusal is settled at once, as a `rejected` row);
+    open      ask the provider, with retries before the first byte (streaming/provider/retries.py);
+    relay     provider → client with backpressure (relay.py), metering through `_cover`;
+    settle    `_settle`, exactly once whatever happened: the ledger row (the truth), the token lease (charged what
+              was delivered, the rest returned), the slot — the only place that releases it.
+
+The ledger row of a stream is inserted at the watchdog's first tick (within a second), never on the first token's
+path; a request that ends before (refused, failed, short or non-streaming) is written once, when it settles.
+"""
+
+import asyncio
+import json
+import logging
+import time
+
+from django.conf import settings
+from django.http import HttpResponse, StreamingHttpResponse
+from django.utils import timezone
+
+from quotas.domain import admission, ledger
+from quotas.domain.exceptions import ModelNotAllowed, QuotaRefusal
+from quotas.domain.leases import TokenLease
+from quotas.domain.policy import estimate_prompt_tokens
+from quotas.models import Usage
+from streaming.errors import duration
+from streaming.provider import retries
+from streaming.provider.errors import UpstreamError
+from streaming.telemetry import live, metrics
+
+from .relay import Relay
+
+logger = logging.getLogger(__name__)
+
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache",
+    # Ask nginx and friends not to buffer the stream (which would defeat backpressure).
+    "X-Accel-Buffering": "no",
+}
+
+
+class Completion:
+    """`await Completion(caller, chat, url).respond()` → the HTTP response (streaming or not)."""
+
+    def __init__(self, caller, chat, provider_url):
+        self.caller = caller  # streaming.gateway.middleware.Caller: who, with which limits
+        self.chat = chat  # streaming.gateway.validation.ChatRequest
+        self.url = provider_url
+        self.request_id = caller.request_id
+        self.started = time.monotonic()
+        self.lease = TokenLease(caller.user_id, caller.limits, self.request_id, timezone.now())
+        self.slot_key = None
+        self.row = None  # the ledger row: unsaved until the watchdog's first tick or the settlement writes it
+        self._opening = None  # the task inserting it
+        self._renewed_at = self.started
+        self._finishing = None
+        self._settled = False
+
+    # The life of a completion ------------------------------------------------------------------------------------
+
+    async def respond(self):
+        await self._admit()
+        try:
+            if not self.chat.stream:
+                raw = await retries.complete(self.url, self._provider_body(), self.request_id, self.caller.user_id)
+                await self._settle("completed", reported_usage=_usage_of(raw))
+                return self._with_token_headers(HttpResponse(raw, content_type="application/json"))
+            events = await retries.open_stream(self.url, self._provider_body(), self.request_id, self.caller.user_id)
+        except UpstreamError as error:
+            await self._settle("upstream_error", reason=error.code, charge_prompt=False)
+            raise
+        except BaseException:  # cancelled: the client went away while the provider was being asked
+            await self._settle("client_disconnected")
+            raise
+        relay = Relay(events, request_id=self.request_id, include_usage=self.chat.include_usage, meter=self._cover,
+                      heartbeat=self._heartbeat, on_stall=lambda: self._finish(relay, "client_stalled"),
+                      started=self.started, settings=settings)
+        response = StreamingHttpResponse(self._stream(relay), content_type="text/event-stream", headers=STREAM_HEADERS)
+        return self._with_token_headers(response)
+
+    async def _admit(self):
+        caller, chat, limits = self.caller, self.chat, self.caller.limits
+        prompt_tokens = estimate_prompt_tokens(chat.messages)
+        plan_max = limits.max_tokens_per_request
+        self.row = ledger.ledger_row(
+            request_id=self.request_id, user_id=caller.user_id, api_key_id=caller.api_key_id, model=chat.model,
+            stream=chat.stream, reserved_tokens=prompt_tokens + min(chat.max_tokens or plan_max, plan_max),
+            windows=self.lease.windows)
+        metrics.SETTLING.inc()
+        try:
+            self.slot_key = await admission.acquire_slot(caller.user_id, limits, self.request_id, time.time())
+            if not limits.allows_model(chat.model, settings.SLUICE_MODELS):
+                raise ModelNotAllowed(chat.model)
+            await self.lease.admit(prompt_tokens, chat.max_tokens, chat.stream)
+        except QuotaRefusal as refusal:
+            metrics.REFUSALS.labels(refusal.code).inc()
+            await self._settle("rejected", reason=refusal.code, charge_prompt=False)
+            raise
+        except BaseException:
+            await self._settle("client_disconnected", charge_prompt=False)
+            raise
+
+    async def _stream(self, relay):
+        """The response's content; its `finally` settles however the stream ends."""
+        live.register(self.request_id, self.caller.user_id, self.caller.username, self.chat.model, relay.figures,
+                      relay.is_paused)
+        outcome = "client_disconnected"  # unless the stream's end reaches the client, or the watchdog cut it off
+        try:
+            async for part in relay.parts():
+                yield part
+            outcome = relay.outcome
+        finally:
+            if relay.outcome == "client_stalled":
+                outcome = "client_stalled"
+            await self._finish(relay, outcome)
+
+    async def _finish(self, relay, outcome):
+        """Close the provider's stream, then settle: once, whoever asks first (the response's `finally`, or the
+        watchdog cutting off a stalled client), in a task a second cancellation cannot interrupt."""
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._close_and_settle(relay, outcome))
+        await asyncio.shield(self._finishing)
+
+    async def _close_and_settle(self, relay, outcome):
+        live.unregister(self.request_id)
+        ending = await relay.close(outcome)
+        await self._settle(ending.outcome, ending.figures, ending.reported_usage, reason=ending.reason)
+
+    async def _settle(self, status, figures=None, reported_usage=None, reason="", charge_prompt=True):
+        """The ledger row first (the truth), then the counters, then the slot. Once."""
+        if self._settled:
+            return
+        self._settled = True
+        # A second cancellation (server shutdown) must not leave the lease unsettled.
+        await asyncio.shield(self._settle_now(status, figures, reported_usage, reason, charge_prompt))
+
+    async def _settle_now(self, status, figures, reported_usage, reason, charge_prompt):
+        lease = self.lease
+        reported = bool(reported_usage) and status == "completed"
+        if reported:
+            prompt_tokens = int(reported_usage.get("prompt_tokens") or 0)
+            completion_tokens = int(reported_usage.get("completion_tokens") or 0)
+        else:
+            # Interrupted: the prompt as estimated, the completion as metered — never the maximum.
+            prompt_tokens = lease.prompt_tokens if charge_prompt else 0
+            completion_tokens = figures.completion_tokens if figures else 0
+        fields = {"status": status, "reason": reason, "prompt_tokens": prompt_tokens,
+                  "completion_tokens": completion_tokens, "usage_reported": reported}
+        ttft = None
+        if figures is not None:
+            if figures.first_token_at:
+                ttft = figures.first_token_at - self.started
+            fields.update(
+                bytes_sent=figures.bytes_sent, backpressure_pauses=figures.pauses,
+                paused_ms=int(figures.paused_seconds * 1000), peak_buffered_bytes=figures.peak_buffered_bytes,
+                time_to_first_token_ms=int(ttft * 1000) if ttft is not None else None)
+        if self._opening is not None:
+            try:
+                await self._opening
+            except Exception:  # the settlement below inserts the row instead
+                logger.exception("could not write the ledger row of %s when it started", self.request_id)
+        try:
+            await ledger.close_ledger(self.row, **fields)
+        finally:
+            await lease.settle(prompt_tokens + completion_tokens)
+            await admission.release_slot(self.slot_key, self.request_id)
+            metrics.SETTLING.dec()
+        if status != Usage.Status.REJECTED:
+            metrics.stream_finished(status, completion_tokens, figures, ttft)
+
+    # What the relay is given -------------------------------------------------------------------------------------
+
+    async def _cover(self, total_tokens) -> int:
+        """The relay's meter: lease enough for `total_tokens` completion tokens, or raise the window that ran out."""
+        lease = self.lease
+        if total_tokens > lease.completion_leased and not await lease.need(total_tokens - lease.completion_leased):
+            raise lease.exhausted()
+        return lease.completion_leased
+
+    async def _heartbeat(self):
+        """Each watchdog tick: the ledger row of a running stream, and the lease and slot kept alive."""
+        if self._opening is None and not self._settled:
+            self._opening = asyncio.ensure_future(ledger.open_ledger(self.row))
+        now = time.monotonic()
+        if now - self._renewed_at > settings.QUOTA_SLOT_TTL / 3:
+            self._renewed_at = now
+            await self.lease.renew(self.slot_key)
+
+    # Helpers -----------------------------------------------------------------------------------------------------
+
+    def _provider_body(self):
+        chat = self.chat
+        body = {"model": chat.model, "messages": chat.messages, **chat.options}
+        # The clamped budget, under the name the client used (max_tokens when it gave none).
+        name = "max_completion_tokens" if "max_completion_tokens" in chat.raw_fields else "max_tokens"
+        body[name] = self.lease.max_tokens
+        if chat.stream:
+            # Always ask for usage, to charge exactly; the relay strips it unless the client asked.
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def _with_token_headers(self, response):
+        """OpenAI's token headers, from the lease taken at admission (the gateway adds the request headers)."""
+        lease = self.lease
+        if lease.remaining is not None:
+            response["x-ratelimit-remaining-tokens"] = str(lease.remaining)
+            response["x-ratelimit-reset-tokens"] = duration(lease.windows[0].seconds_left(timezone.now()))
+        return response
+
+
+def _usage_of(raw: bytes):
+    try:
+        usage = json.loads(raw).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None

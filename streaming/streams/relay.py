@@ -1,0 +1,232 @@
+"""The relay: provider events → bounded prefetch buffer → client, with backpressure end to end.
+
+A pump task reads the provider's events (classified once, streaming/provider/events.py) into a `PrefetchBuffer`;
+`parts()` takes whatever is buffered and yields it as one write. Tokens are metered through the `meter` callback
+before they are buffered, so the client never receives a token its quota does not cover; the relay knows nothing
+of quotas beyond that callback. A watchdog (watchdog.py) ends the stream on a stalled client, a silent provider or
+the maximum duration, and calls `heartbeat` once a tick.
+
+`close(outcome)` stops the provider and returns the `Ending` to settle; the stream's lifecycle
+(completion.py) calls it, once, from the response generator's `finally` (or from the stall cut-off).
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from quotas.domain.exceptions import CounterStoreDown, QuotaRefusal
+from streaming.errors import MAPPED, ApiError, api_error
+from streaming.provider.errors import UpstreamError
+from streaming.provider.events import CHUNK, DONE, ERROR
+
+from .buffer import PrefetchBuffer, StreamFigures
+from .watchdog import Watchdog
+
+logger = logging.getLogger(__name__)
+
+# A yield that takes longer than this waited on the client: one backpressure pause.
+PAUSE_SECONDS = 0.005
+HEARTBEAT = b": keep-alive\n\n"
+OPENED = b": stream open\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
+# How long a provider that sent [DONE] gets to end its body, so that its connection returns to the pool.
+DRAIN_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a stream ended, for its settlement."""
+
+    outcome: str  # a Usage.Status value
+    figures: StreamFigures
+    reported_usage: dict | None
+    reason: str = ""  # the error code that ended it, if any
+
+
+class Relay:
+    """One streaming response's body. `meter(total)` is awaited before the client is sent more completion tokens
+    than `covered` (the total it returned last): it returns the new covered total, or raises the refusal (a quota
+    exhausted) that ends the stream with an error event."""
+
+    def __init__(self, events, *, request_id, include_usage, meter, heartbeat, on_stall, started, settings):
+        self.request_id = request_id
+        self.events = events
+        self.include_usage = include_usage
+        self.meter = meter
+        self.covered = 0
+        self.figures = StreamFigures()
+        self.buffer = PrefetchBuffer(self.figures)
+        self.outcome = None  # set by whoever ends the stream other than the client
+        self.reason = ""
+        self.reported_usage = None
+        self.started = started
+        self.yield_started = None  # monotonic time of the write in progress (None: not writing)
+        self.reading_since = None  # when the pump began waiting for the provider (None: not waiting)
+        self.draining = False  # [DONE] came; the pump reads the rest of the provider's body
+        self.settings = settings
+        self._pump_task = None
+        self._watchdog = Watchdog(self, heartbeat=heartbeat, on_stall=on_stall, settings=settings)
+        self._closing = None
+
+    def is_paused(self) -> bool:
+        started = self.yield_started
+        return started is not None and time.monotonic() - started > PAUSE_SECONDS
+
+    async def parts(self):
+        """The response's content: the buffered events, one write per take, heartbeats while none come."""
+        figures, buffer = self.figures, self.buffer
+        self._pump_task = asyncio.create_task(self._pump())
+        self._watchdog.start(asyncio.current_task())
+        heartbeat = self.settings.STREAM_HEARTBEAT_INTERVAL
+        try:
+            if self.events.awaiting_first_token:
+                # A slow provider: flush the response headers now (some servers send them with the first body
+                # bytes), heartbeats follow. Otherwise the first token is in and is the first write.
+                yield OPENED
+            while True:
+                data = await buffer.take(heartbeat if figures.first_token_at is None else None)
+                if data is None:
+                    return
+                if not data:
+                    data = HEARTBEAT  # keeps proxies from closing an idle connection
+                self.yield_started = started = time.monotonic()
+                yield data
+                waited = time.monotonic() - started
+                self.yield_started = None
+                figures.bytes_sent += len(data)
+                if waited > PAUSE_SECONDS:
+                    figures.pauses += 1
+                    figures.paused_seconds += waited
+        finally:
+            self.yield_started = None
+            self._watchdog.stop()
+
+    async def _pump(self):
+        """Read provider events into the buffer, metering each batch's tokens before it is buffered.
+
+        The events of one read are buffered as one part (one write to a client that keeps up, coalesced with more
+        for one that doesn't).
+        """
+        figures, include_usage = self.figures, self.include_usage
+        final = b""
+        first = True
+        try:
+            while True:
+                self.reading_since = time.monotonic()
+                batch = await self.events.read_batch()
+                self.reading_since = None
+                if batch is None:
+                    break
+                if self.draining:
+                    continue
+                parts = []
+                stop = None  # what ends the stream after this batch's earlier events are delivered
+                for event in batch:
+                    kind = event.kind
+                    if kind == CHUNK:
+                        if event.usage:
+                            self.reported_usage = event.usage
+                        tokens = event.tokens
+                        if tokens:
+                            total = figures.completion_tokens + tokens
+                            if total > self.covered:
+                                try:
+                                    self.covered = await self.meter(total)
+                                except MAPPED as refusal:  # the quota ran out (or its store is down)
+                                    stop = refusal
+                                    break
+                            figures.completion_tokens = total
+                            if figures.first_token_at is None:
+                                figures.first_token_at = time.monotonic()
+                        elif event.usage and not event.has_choices and not include_usage:
+                            continue  # Sluice always asks for usage; the client gets it only if it asked
+                        parts.append(b"data: " + event.data + b"\n\n")
+                    elif kind == DONE:
+                        self.outcome = self.outcome or "completed"
+                        # The client has its answer now; read the body's end so the provider's connection goes
+                        # back to the pool instead of being closed mid-response.
+                        self.draining = True
+                        break
+                    elif kind == ERROR:
+                        # The provider failed mid-answer; its message may name internals, so use ours.
+                        logger.warning("upstream error event mid-stream for %s", self.request_id)
+                        stop = UpstreamError(502, "upstream_error", "The upstream provider failed while answering.")
+                        break
+                    else:
+                        stop = UpstreamError(502, "upstream_error", "The upstream provider sent an event that is not "
+                                                                    "JSON.")
+                        break
+                if parts:
+                    part = parts[0] if len(parts) == 1 else b"".join(parts)
+                    # put() waits while the client is behind: meanwhile this frame holds no other copy of the
+                    # events (the read's payloads, the parts).
+                    batch = parts = event = None
+                    await self.buffer.put(part)
+                    part = None
+                    if first:
+                        first = False
+                        # One loop turn, for the response to write the first token before this task reads on: a
+                        # provider that is ahead would otherwise keep it relaying the rest of its answer first.
+                        await asyncio.sleep(0)
+                if stop is not None:
+                    raise stop
+                if self.draining:
+                    self.buffer.end(DONE_EVENT)
+            if not self.draining:
+                raise UpstreamError(502, "upstream_error", "The upstream provider ended the answer early.")
+        except MAPPED as error:
+            if isinstance(error, UpstreamError) and self.draining:  # the answer was complete; only its tail failed
+                return
+            final = self._ended_by(error)
+        except Exception:
+            logger.exception("relay failed for %s", self.request_id)
+            final = self._ended_by(ApiError("The gateway failed while relaying the answer.", status=500,
+                                            type="server_error", code="internal_error"))
+        finally:
+            # Stop the provider now: don't wait for the client to drain the buffer.
+            await self.events.aclose()
+        if not self.buffer.ended:
+            self.buffer.end(final)
+
+    def _ended_by(self, error) -> bytes:
+        """Record what ended the stream and return the error event that tells the client."""
+        api = api_error(error)
+        # A refusal (the quota ran out, the account was suspended) is the client's; a failure (provider, counter
+        # store, gateway) is not.
+        refused = isinstance(error, QuotaRefusal) and not isinstance(error, CounterStoreDown)
+        self.outcome = "quota_exhausted" if refused else "upstream_error"
+        self.reason = api.code or ""
+        return api.sse_event()
+
+    async def end_early(self, outcome, error: ApiError):
+        """Stop the provider and end the client's stream with `error` as its last event (the watchdog's timers)."""
+        self.outcome, self.reason = outcome, error.code
+        self._pump_task.cancel()
+        await self.events.aclose()
+        if not self.buffer.ended:
+            self.buffer.end(error.sse_event())
+
+    async def close(self, outcome) -> Ending:
+        """Stop reading the provider and close its stream; returns how the stream ended. Once, whoever asks first.
+
+        A task of its own, awaited through a shield: the server cancels the response's handler when the client goes
+        away, which may happen while this runs (a client that leaves right after [DONE]); the provider must still be
+        closed.
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(outcome))
+        return await asyncio.shield(self._closing)
+
+    async def _close(self, outcome) -> Ending:
+        self._watchdog.stop()
+        if self._pump_task is not None:
+            if self.draining:
+                # The body's end follows [DONE] at once from a well-behaved provider: let the pump read it.
+                await asyncio.wait([self._pump_task], timeout=DRAIN_SECONDS)
+            self._pump_task.cancel()
+            # The pump closes the provider's stream in its own finally.
+            await asyncio.wait([self._pump_task])
+        self.buffer.discard()
+        await self.events.aclose()
+        return Ending(outcome, self.figures, self.reported_usage, self.reason)

@@ -1,0 +1,73 @@
+"""quotas/policy.py: plain values in, plain values out; no database."""
+
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+from quotas.domain import policy
+
+PLAN = SimpleNamespace(tokens_per_day=1000, tokens_per_month=20000, requests_per_minute=60, concurrent_streams=4,
+                       max_tokens_per_request=512, allowed_models=["a"])
+
+
+def test_overrides_replace_only_what_they_set():
+    override = SimpleNamespace(tokens_per_day=50, tokens_per_month=None, requests_per_minute=None,
+                               concurrent_streams=1, max_tokens_per_request=None, allowed_models=None,
+                               suspended=True, timezone="Europe/Paris")
+    limits = policy.Limits.combine(PLAN, override)
+    assert (limits.tokens_per_day, limits.tokens_per_month, limits.concurrent_streams) == (50, 20000, 1)
+    assert limits.allowed_models == ("a",) and limits.suspended and limits.timezone == "Europe/Paris"
+    assert policy.Limits.combine(PLAN).tokens_per_day == 1000
+
+
+def test_allowed_models_empty_means_every_configured_model():
+    limits = policy.Limits.combine(SimpleNamespace(**{**vars(PLAN), "allowed_models": []}))
+    assert limits.allows_model("x", ["x", "y"]) and not limits.allows_model("z", ["x", "y"])
+    assert not policy.Limits.combine(PLAN).allows_model("x", ["a", "x"])
+
+
+def test_calendar_windows_follow_the_users_timezone():
+    limits = policy.Limits.combine(PLAN, SimpleNamespace(timezone="America/New_York", suspended=False))
+    # 03:30 UTC on 1 March is still 28 February in New York.
+    now = datetime(2026, 3, 1, 3, 30, tzinfo=timezone.utc)
+    day, month = policy.calendar_windows(limits, now)
+    assert (day.key, month.key) == ("2026-02-28", "2026-02")
+    assert day.end.astimezone(timezone.utc) == datetime(2026, 3, 1, 5, 0, tzinfo=timezone.utc)
+    assert month.end.astimezone(timezone.utc) == datetime(2026, 3, 1, 5, 0, tzinfo=timezone.utc)
+    assert day.seconds_left(now) == 1.5 * 3600
+
+
+def test_a_dst_day_is_23_hours_long():
+    limits = policy.Limits.combine(PLAN, SimpleNamespace(timezone="Europe/Paris", suspended=False))
+    day, _ = policy.calendar_windows(limits, datetime(2026, 3, 29, 12, 0, tzinfo=timezone.utc))
+    assert (day.end.astimezone(timezone.utc) - day.start.astimezone(timezone.utc)).total_seconds() == 23 * 3600
+
+
+def test_december_rolls_into_next_year():
+    limits = policy.Limits.combine(PLAN)
+    _, month = policy.calendar_windows(limits, datetime(2026, 12, 31, 23, 0, tzinfo=timezone.utc))
+    assert month.end == datetime(2027, 1, 1, tzinfo=month.end.tzinfo)
+
+
+def test_token_estimate_is_at_least_the_simulators_word_count():
+    text = "Hello, world! Supercalifragilistic words count more."
+    assert policy.estimate_tokens(text) >= len(text.split())
+    assert policy.estimate_tokens("") == 0
+    assert policy.estimate_prompt_tokens([{"role": "user", "content": "hi"}]) == 3 + 4 + 1
+
+
+def test_chunk_tokens_counts_one_per_chunk_or_its_words():
+    assert policy.chunk_tokens(" the") == 1
+    assert policy.chunk_tokens("") == 1
+    assert policy.chunk_tokens(" three small words") == 3
+
+
+def test_max_tokens_is_clamped_to_plan_and_remaining():
+    assert policy.clamp_max_tokens(None, 512, 10_000) == 512
+    assert policy.clamp_max_tokens(100, 512, 10_000) == 100
+    assert policy.clamp_max_tokens(1000, 512, 40) == 40
+    assert policy.clamp_max_tokens(5, 512, 0) == 0
+
+
+def test_lease_sizes():
+    assert policy.first_lease(prompt_tokens=20, max_tokens=500, block=32) == 52
+    assert policy.first_lease(prompt_tokens=20, max_tokens=8, block=32) == 28
