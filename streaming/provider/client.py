@@ -6,9 +6,11 @@ Streams are read as raw server-sent events through the client's streaming respon
 reach the client as the provider wrote them, without a parse-and-reserialise round trip.
 """
 
+import asyncio
 import email.utils
 import socket
 import time
+import weakref
 
 import aiohttp
 import httpx2
@@ -22,7 +24,8 @@ from .errors import UpstreamError
 from .events import Event, SSEParser, classify
 
 SIMULATOR_PREFIX = "/_sim"
-_clients: dict[tuple, openai.AsyncOpenAI] = {}
+# One client per event loop (its aiohttp session belongs to the loop it was made on), base URL and timeouts.
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
 
 
 def uses_simulator() -> bool:
@@ -72,9 +75,10 @@ def _aiohttp_session() -> aiohttp.ClientSession:
 
 def get_client(url: str) -> openai.AsyncOpenAI:
     timeouts = (settings.UPSTREAM_CONNECT_TIMEOUT, settings.UPSTREAM_IDLE_TIMEOUT)
-    client = _clients.get((url, timeouts))
+    clients = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = clients.get((url, timeouts))
     if client is None:
-        client = _clients[(url, timeouts)] = openai.AsyncOpenAI(
+        client = clients[(url, timeouts)] = openai.AsyncOpenAI(
             api_key=settings.OPENAI_API_KEY or "sluice-simulator",
             base_url=url,
             # Sluice retries itself, before the first byte only (docs/resilience.md).
@@ -201,3 +205,9 @@ async def open_stream(url: str, body: dict, request_id: str) -> EventStream:
 async def complete(url: str, body: dict, request_id: str) -> bytes:
     """A non-streaming chat completion: the provider's JSON, as it sent it."""
     return (await _post(url, body, request_id, stream=False)).content
+
+
+async def close_clients():
+    """Close this event loop's provider clients and their connection pools (a server shutting down, tests)."""
+    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()

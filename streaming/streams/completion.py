@@ -110,7 +110,7 @@ class Completion:
         try:
             async for part in relay.parts():
                 yield part
-            outcome = relay.outcome
+            outcome = None  # the relay's own: how the stream ended
         finally:
             if relay.outcome == "client_stalled":
                 outcome = "client_stalled"

@@ -207,8 +207,9 @@ class Relay:
         if not self.buffer.ended:
             self.buffer.end(error.sse_event())
 
-    async def close(self, outcome) -> Ending:
-        """Stop reading the provider and close its stream; returns how the stream ended. Once, whoever asks first.
+    async def close(self, outcome=None) -> Ending:
+        """Stop reading the provider and close its stream; returns how the stream ended: `outcome` when the caller
+        knows better (the client went away, or stalled), otherwise the relay's own. Once, whoever asks first.
 
         A task of its own, awaited through a shield: the server cancels the response's handler when the client goes
         away, which may happen while this runs (a client that leaves right after [DONE]); the provider must still be
@@ -229,4 +230,4 @@ class Relay:
             await asyncio.wait([self._pump_task])
         self.buffer.discard()
         await self.events.aclose()
-        return Ending(outcome, self.figures, self.reported_usage, self.reason)
+        return Ending(outcome or self.outcome or "completed", self.figures, self.reported_usage, self.reason)

@@ -1,0 +1,174 @@
+"""streaming/streams/relay.py and watchdog.py, driven directly: metering through the callback, the mid-stream cut,
+the watchdog's stall cut-off and provider timeouts.
+
+The provider is the real simulator in a process of its own, reached over loopback through the official client and
+the provider side (streaming/provider/); the relay's response body is read here, in this test's event loop, as a
+server would. The meter, heartbeat and stall callbacks are the test's: they are the relay's whole view of quotas.
+"""
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import httpx2
+import pytest
+
+from bench.servers import start_server
+from quotas.domain.exceptions import QuotaExceeded
+from streaming.provider import client, retries
+from streaming.streams.relay import Relay
+
+MONTH_END = datetime(2027, 1, 1, tzinfo=UTC)
+
+
+def relay_settings(**overrides):
+    """The settings the relay and its watchdog read (plain values: each test sets its own)."""
+    values = {"STREAM_HEARTBEAT_INTERVAL": 10.0, "STREAM_STALL_TIMEOUT": 30.0, "QUOTA_SLOT_TTL": 30.0,
+              "UPSTREAM_IDLE_TIMEOUT": 60.0, "UPSTREAM_FIRST_TOKEN_TIMEOUT": 60.0, "STREAM_MAX_DURATION": 600.0}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+@pytest.fixture(scope="module")
+def provider():
+    with start_server([sys.executable, "-m", "streaming.simulator", "--port", "{port}"]) as server:
+        yield server
+
+
+@pytest.fixture
+def simulator(provider):
+    """The simulator's switches (POST /control), reset around each test."""
+    http = httpx2.Client(base_url=provider.base_url, timeout=10)
+    http.post("/control/reset").raise_for_status()
+
+    def control(**switches):
+        http.post("/control", json=switches).raise_for_status()
+
+    control.stats = lambda: http.get("/stats").json()
+    yield control
+    http.post("/control/reset").raise_for_status()
+    http.close()
+
+
+class Meter:
+    """A meter that grants `block` tokens at a time up to `limit`, then refuses as a spent month would."""
+
+    def __init__(self, limit, block=10):
+        self.limit, self.block, self.calls = limit, block, []
+
+    async def __call__(self, total):
+        self.calls.append(total)
+        if total > self.limit:
+            raise QuotaExceeded("month", 3600.0, MONTH_END)
+        return min(self.limit, max(total, (len(self.calls)) * self.block))
+
+
+async def open_relay(provider, request_id, max_tokens=40, meter=None, settings=None, heartbeat=None, on_stall=None):
+    url = provider.base_url + "/v1"
+    body = {"model": "sim-small", "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    events = await retries.open_stream(url, body, request_id, fair_key=1)
+
+    async def nothing():
+        return None
+
+    loop = asyncio.get_running_loop()
+    return Relay(events, request_id=request_id, include_usage=False, meter=meter or Meter(10_000),
+                 heartbeat=heartbeat or nothing, on_stall=on_stall or nothing, started=loop.time(),
+                 settings=settings or relay_settings())
+
+
+def payloads(body: bytes):
+    return [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+def content_tokens(body: bytes):
+    return sum(1 for p in payloads(body) if p.startswith(b"{") and b'"content":' in p and b'"content":""' not in p)
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients():
+    yield
+    await client.close_clients()
+
+
+async def test_every_token_is_metered_before_it_is_sent_and_the_stream_completes(provider, simulator):
+    simulator(tokens_per_second=0)
+    meter = Meter(10_000, block=10)
+    relay = await open_relay(provider, "req_relay_meter", max_tokens=40, meter=meter)
+    body = b"".join([part async for part in relay.parts()])
+    ending = await relay.close()
+    assert payloads(body)[-1] == b"[DONE]"
+    assert content_tokens(body) == 40 == ending.figures.completion_tokens
+    # The meter is asked only when the tokens to send pass what it covered: once per block, not per token.
+    assert meter.calls == sorted(meter.calls) and 4 <= len(meter.calls) <= 5
+    assert ending.outcome == "completed" and ending.reported_usage["completion_tokens"] == 40
+    # The usage chunk Sluice asked for is not relayed to a client that did not ask for it.
+    assert b'"usage":{' not in body.replace(b" ", b"") or b'"usage":null' in body.replace(b" ", b"")
+
+
+async def test_a_refused_meter_cuts_the_stream_with_the_window_that_ran_out(provider, simulator):
+    simulator(tokens_per_second=0, default_tokens=500)
+    relay = await open_relay(provider, "req_relay_cut", max_tokens=500, meter=Meter(25, block=10))
+    body = b"".join([part async for part in relay.parts()])
+    ending = await relay.close()
+    last = json.loads(payloads(body)[-1])
+    assert last["error"]["code"] == "insufficient_quota"
+    assert "monthly token quota" in last["error"]["message"] and MONTH_END.isoformat() in last["error"]["message"]
+    # Exactly what was covered reached the client, and that is what the ending charges.
+    assert content_tokens(body) == 25 == ending.figures.completion_tokens
+    assert (ending.outcome, ending.reason) == ("quota_exhausted", "insufficient_quota")
+    # The provider was told to stop: its connection was closed before the end of its answer.
+    record = next(r for r in simulator.stats()["requests"] if r["client_request_id"] == "req_relay_cut")
+    assert record["disconnected"] and record["tokens_sent"] < 500
+
+
+async def test_the_watchdog_cuts_off_a_client_that_stops_reading(provider, simulator):
+    simulator(tokens_per_second=50, default_tokens=1000)
+    stalled = asyncio.Event()
+
+    async def on_stall():
+        stalled.set()
+
+    relay = await open_relay(provider, "req_relay_stall", max_tokens=1000, on_stall=on_stall,
+                             settings=relay_settings(STREAM_STALL_TIMEOUT=0.4))
+    never = asyncio.Event()
+
+    async def reader():
+        # Read two writes, then hold the second without asking for more: the server's send never returns.
+        parts = relay.parts()
+        await anext(parts)
+        await anext(parts)
+        await never.wait()
+
+    task = asyncio.create_task(reader())
+    await asyncio.wait_for(stalled.wait(), timeout=5)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)  # the handler is cancelled, which ends the response
+    assert relay.outcome == "client_stalled"
+    ending = await relay.close("client_stalled")
+    assert ending.outcome == "client_stalled" and 0 < ending.figures.completion_tokens < 1000
+
+
+async def test_a_provider_silent_mid_answer_ends_with_a_timeout_event(provider, simulator):
+    simulator(tokens_per_second=0, stall_midstream_after=5)
+    beats = []
+
+    async def heartbeat():
+        beats.append(1)
+
+    relay = await open_relay(provider, "req_relay_idle", max_tokens=100, heartbeat=heartbeat,
+                             settings=relay_settings(UPSTREAM_IDLE_TIMEOUT=0.4))
+    body = b"".join(await asyncio.wait_for(_collect(relay), timeout=10))
+    ending = await relay.close()
+    last = json.loads(payloads(body)[-1])
+    assert last["error"]["code"] == "upstream_timeout"
+    assert content_tokens(body) == 5 == ending.figures.completion_tokens
+    assert (ending.outcome, ending.reason) == ("upstream_error", "upstream_timeout")
+    assert beats  # the lifecycle's heartbeat ran on the watchdog's ticks
+
+
+async def _collect(relay):
+    return [part async for part in relay.parts()]
