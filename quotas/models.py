@@ -94,10 +94,17 @@ class ApiKey(models.Model):
     @classmethod
     def issue(cls, user, name="", expires_at=None):
         """Create a key; returns (ApiKey, raw_key). The raw key is never stored and shown only now."""
-        raw = cls.PREFIX + secrets.token_urlsafe(32)
-        key = cls.objects.create(user=user, name=name, prefix=raw[: len(cls.PREFIX) + 6],
-                                 hashed_key=hash_key(raw), expires_at=expires_at)
+        key = cls(user=user, name=name, expires_at=expires_at)
+        raw = key.set_new_key()
+        key.save(force_insert=True)
         return key, raw
+
+    def set_new_key(self) -> str:
+        """Give this (unsaved) key a new random secret; returns it. Only its hash and prefix are kept."""
+        raw = self.PREFIX + secrets.token_urlsafe(32)
+        self.prefix = raw[: len(self.PREFIX) + 6]
+        self.hashed_key = hash_key(raw)
+        return raw
 
     def matches(self, raw: str) -> bool:
         return hmac.compare_digest(self.hashed_key, hash_key(raw))

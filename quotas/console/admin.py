@@ -210,11 +210,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if change:
             return super().save_model(request, obj, form, change)
-        issued, raw = ApiKey.issue(obj.user, name=obj.name, expires_at=obj.expires_at)
-        for name in ("pk", "prefix", "hashed_key", "created_at"):
-            setattr(obj, name, getattr(issued, name))
-        obj._state.adding = False
-        obj.raw_key = raw  # for response_add only; never stored
+        obj.raw_key = obj.set_new_key()  # for response_add only; never stored
+        super().save_model(request, obj, form, change)
         AuditEntry.entry(request.user, Action.KEY_CREATED, obj, new={
             "user": obj.user.get_username(), "name": obj.name, "prefix": obj.prefix,
             "expires_at": obj.expires_at.isoformat() if obj.expires_at else None}).save()

@@ -1,4 +1,4 @@
-"""The counter store's contract. Every backend passes tests/quotas/test_store.py.
+"""The counter store's contract. Every backend passes tests/quotas/store/test_store.py.
 
 All operations are atomic: each is one Lua script in Redis, one critical section in memory.
 Times are Unix seconds (floats) passed in by the caller, so tests control the clock.
@@ -102,7 +102,7 @@ class CounterStore:
         """Drop a record (an operator's reset of a window; slots)."""
         raise NotImplementedError
 
-    # The shared upstream limit and circuit breaker (streaming/resilience/, docs/resilience.md) -----------------
+    # The shared upstream limit and circuit breaker (streaming/provider/, docs/resilience.md) -----------------
     # One record per upstream, holding its adaptive (AIMD) limit, its permits (holder -> expiry, like slots),
     # and its breaker (consecutive failures, open-until, the half-open probe's holder).
 

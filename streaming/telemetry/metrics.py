@@ -25,7 +25,7 @@ def stream_finished(status, completion_tokens, figures, ttft_seconds=None):
         BACKPRESSURE_PAUSES.inc(figures.pauses)
 
 
-# The admin's live panel (quotas/consumers.py).
+# The admin's live panel (streaming/gateway/live_panel.py).
 LIVE_PANEL_CLIENTS = Gauge("sluice_live_panel_clients", "Admin live-panel WebSockets open in this process.")
 LIVE_PANEL_DROPPED = Counter("sluice_live_panel_dropped_total",
                              "Live-panel WebSockets closed because the browser stopped acknowledging snapshots.")

@@ -5,15 +5,10 @@ skip, except in CI (CI=true), where they must run.
 """
 
 import os
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-PASSWORD = "a-long-test-password"
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 
 
 @pytest.fixture
@@ -49,19 +44,3 @@ def open_page(transactional_db, sim, monkeypatch):
         finally:
             browser.close()
     assert not errors, f"uncaught errors in the page: {errors}"
-
-
-def sign_in(page, user):
-    """Sign in through the login form; lands on the chat page with the plan loaded."""
-    page.goto("/")
-    page.get_by_label("Username").fill(user.username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url("**/")
-    page.wait_for_function("!document.getElementById('send').disabled")
-    return page
-
-
-def screenshot(page, name, full_page=True):
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=full_page)

@@ -14,7 +14,7 @@ import pytest
 from django.utils import timezone
 
 from quotas.models import DailyUsage, Usage
-from tests.browser.conftest import PASSWORD, screenshot
+from tests.support.browser import PASSWORD, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

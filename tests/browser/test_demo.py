@@ -5,7 +5,7 @@ import json
 import pytest
 
 from streaming.simulator.app import WORDS
-from tests.browser.conftest import screenshot, sign_in
+from tests.support.browser import screenshot, sign_in
 from tests.support.gateways import eventually, settled_row
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

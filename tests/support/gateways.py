@@ -49,7 +49,7 @@ def server_env(**overrides):
         # Fast heartbeats, so the tests see them quickly.
         "STREAM_HEARTBEAT_INTERVAL": "1",
         # Tests that make the upstream fail must not open the session gateway's breaker for the next
-        # tests, nor wait long for retries; tests/streaming/test_resilience.py sets its own.
+        # tests, nor wait long for retries; tests/streaming/provider/test_retries.py sets its own.
         "UPSTREAM_BREAKER_THRESHOLD": "0",
         "UPSTREAM_RETRY_DEADLINE": "2",
         "METRICS_TOKEN": METRICS_TOKEN,

@@ -1,4 +1,4 @@
-"""quotas/admin.py: every admin page and action, as an operator uses them (the test client), and
+"""quotas/console/admin.py: every admin page and action, as an operator uses them (the test client), and
 their effect on a real gateway process (the `sim` fixture) where it matters: a suspension, a
 revoked key or a reset window applies from the next request on, without a restart.
 """

@@ -1,4 +1,4 @@
-"""quotas/dashboard.py: the usage dashboard page, its chart, and the admin's usage figures."""
+"""quotas/console/dashboard.py: the usage dashboard page, its chart, and the admin's usage figures."""
 
 from datetime import UTC, date, datetime, timedelta
 

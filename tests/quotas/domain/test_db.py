@@ -1,4 +1,4 @@
-"""quotas/db.py: the hot path's queries run on long-lived threads that keep (and heal) their connections."""
+"""quotas/domain/db.py: the hot path's queries run on long-lived threads that keep (and heal) their connections."""
 
 import asyncio
 import threading

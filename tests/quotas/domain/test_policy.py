@@ -1,4 +1,4 @@
-"""quotas/policy.py: plain values in, plain values out; no database."""
+"""quotas/domain/policy.py: plain values in, plain values out; no database."""
 
 from datetime import datetime, timezone
 from types import SimpleNamespace

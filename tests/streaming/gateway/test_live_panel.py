@@ -1,7 +1,7 @@
-"""quotas/consumers.py and quotas/routing.py: the admin's live panel over a WebSocket.
+"""streaming/gateway/live_panel.py and quotas/routing.py: the admin's live panel over a WebSocket.
 
 The consumer runs in this process through Channels' WebsocketCommunicator, with the session cookie
-a browser would send. Its rows come from `streaming.live`, this process's registry of running
+a browser would send. Its rows come from `streaming.telemetry.live`, this process's registry of running
 streams, so the streams here are registered in-process (the relay registers a real one the same
 way); a gateway process has its own registry, which only that process can read. The path from a
 real stream in a gateway process to a browser is tests/browser/test_admin_dashboard.py.

@@ -1,4 +1,4 @@
-"""streaming/backoff.py: retry and queue arithmetic with plain values (no I/O, no clock, no randomness)."""
+"""streaming/provider/backoff.py: retry and queue arithmetic with plain values (no I/O, no clock, no randomness)."""
 
 import pytest
 

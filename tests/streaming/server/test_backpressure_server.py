@@ -62,7 +62,7 @@ def test_stalled_reader_pauses_the_app_and_resumes_it(patched_server):
     assert get_stats(patched_server.port, "stall") == {"produced_bytes": BIG_STREAM_BYTES, "state": "done"}
 
 
-# The event loop (streaming/reactor.py): uvloop's by default, asyncio's on request; backpressure on both.
+# The event loop (streaming/server/reactor.py): uvloop's by default, asyncio's on request; backpressure on both.
 
 def test_the_server_runs_on_uvloop_by_default(patched_server):
     assert "Event loop: uvloop.Loop" in patched_server.stderr_text()

@@ -1,5 +1,5 @@
 // The live panel: one coalesced snapshot of the running streams a second over a WebSocket
-// (quotas/consumers.py). Each snapshot is acknowledged; the server stops sending to a tab that does
+// (streaming/gateway/live_panel.py). Each snapshot is acknowledged; the server stops sending to a tab that does
 // not keep up. Data goes into the page as textContent only.
 (function () {
   "use strict";
