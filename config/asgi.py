@@ -32,15 +32,42 @@ def _refuse_misconfiguration():
 
 _refuse_misconfiguration()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402  (after Django is set up)
+from urllib.parse import urlsplit  # noqa: E402
 
+from channels.routing import ProtocolTypeRouter  # noqa: E402  (after Django is set up)
+from django.conf import settings  # noqa: E402
+
+from streaming.gateway.health import PROBE_PATHS  # noqa: E402
 from streaming.provider import client as provider  # noqa: E402
-from streaming.simulator.app import application as simulator_application  # noqa: E402
+from streaming.simulator.app import Simulator  # noqa: E402
+
+# The in-process simulated provider's switches and stats need SIMULATOR_CONTROL_TOKEN (read at each request; unset:
+# off). The standalone `python -m streaming.simulator` leaves them open.
+simulator_application = Simulator(control_token=lambda: settings.SIMULATOR_CONTROL_TOKEN)
+
+
+def _origin_form(scope):
+    """The scope of an absolute-form request target (`GET http://host/v1/models HTTP/1.1`, which HTTP/1.1 servers
+    must accept) with the path alone, as the routes know it: Daphne passes the whole URL on as the path.
+
+    The Host header is left as the client sent it: only the path decides which application answers.
+    """
+    if scope["path"].startswith("/"):  # origin form: nearly every request, and nothing to parse
+        return scope
+    target = urlsplit(scope["path"])
+    if target.scheme.lower() not in ("http", "https") or not target.netloc:
+        return scope
+    raw_path = scope.get("raw_path")
+    if raw_path:
+        raw_path = urlsplit(raw_path).path or b"/"
+    return dict(scope, path=target.path or "/", raw_path=raw_path)
 
 
 async def http_application(scope, receive, send):
+    scope = _origin_form(scope)
     path = scope["path"]
-    if path.startswith("/v1/"):
+    # The probes too: no session, CSRF or host checks, no per-request thread (a load balancer probes by address).
+    if path.startswith("/v1/") or path in PROBE_PATHS:
         return await api_application(scope, receive, send)
     if provider.uses_simulator() and path.startswith(provider.SIMULATOR_PREFIX + "/"):
         scope = dict(scope, root_path=scope.get("root_path", "") + provider.SIMULATOR_PREFIX)

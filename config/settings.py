@@ -151,6 +151,9 @@ SERVESTATIC_USE_FINDERS = env_bool("SERVESTATIC_USE_FINDERS", True)
 # The upstream. No key and no base URL: the simulated upstream this same process serves.
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")
 OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "")
+# Bearer token for the simulated upstream's switches and stats (/_sim/control, /_sim/control/reset, /_sim/stats) in
+# the gateway's process; empty: they are off (404). The standalone `python -m streaming.simulator` keeps them open.
+SIMULATOR_CONTROL_TOKEN = os.environ.get("SIMULATOR_CONTROL_TOKEN", "")
 SLUICE_MODELS = [
     m.strip() for m in os.environ.get("SLUICE_MODELS", "sim-small,sim-large").split(",") if m.strip()
 ]

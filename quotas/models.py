@@ -24,6 +24,14 @@ def validate_timezone(value):
         raise ValidationError(f"'{value}' is not a time zone name, e.g. Europe/Paris or UTC.", code="invalid_timezone")
 
 
+def validate_model_names(value):
+    """allowed_models: a list of model names. Anything else (a number, a string) would be refused at every request of
+    the plan (quotas/domain/policy.py fails closed on it)."""
+    if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
+        raise ValidationError('Enter a list of model names, e.g. ["sim-small"] (empty: every configured model).',
+                              code="invalid_model_names")
+
+
 class Plan(models.Model):
     name = models.CharField(max_length=64, unique=True)
     tokens_per_day = models.PositiveBigIntegerField(default=200_000)
@@ -32,7 +40,8 @@ class Plan(models.Model):
     concurrent_streams = models.PositiveIntegerField(default=4)
     max_tokens_per_request = models.PositiveIntegerField(default=4096)
     allowed_models = models.JSONField(
-        default=list, blank=True, help_text="Model names this plan may use; empty means every configured model."
+        default=list, blank=True, validators=[validate_model_names],
+        help_text="Model names this plan may use; empty means every configured model."
     )
     is_default = models.BooleanField(default=False, help_text="The plan of every user without a quota record.")
 
@@ -56,7 +65,7 @@ class UserQuota(models.Model):
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
     concurrent_streams = models.PositiveIntegerField(null=True, blank=True)
     max_tokens_per_request = models.PositiveIntegerField(null=True, blank=True)
-    allowed_models = models.JSONField(null=True, blank=True)
+    allowed_models = models.JSONField(null=True, blank=True, validators=[validate_model_names])
     suspended = models.BooleanField(default=False)
     timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone],
                                 help_text="Daily and monthly windows start at midnight here.")
@@ -125,6 +134,8 @@ class Usage(models.Model):
         CLIENT_DISCONNECTED = "client_disconnected", "client disconnected"
         CLIENT_STALLED = "client_stalled", "client stalled"
         UPSTREAM_ERROR = "upstream_error", "upstream error"
+        STORE_UNAVAILABLE = "store_unavailable", "counter store unavailable"
+        WORKER_LOST = "worker_lost", "serving process lost"
         REJECTED = "rejected", "rejected"
 
     request_id = models.CharField(max_length=64, unique=True)
@@ -140,6 +151,12 @@ class Usage(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     reserved_tokens = models.PositiveIntegerField(default=0, help_text="The most this request may still be charged while in progress.")
     usage_reported = models.BooleanField(default=False, help_text="True: the upstream reported the counts; false: metered here.")
+    charged_tokens = models.PositiveIntegerField(
+        default=0, help_text="What counted against the user's windows: the tokens above, except what a provider reported "
+                             "beyond what the windows still allowed (docs/quotas.md, 'What is charged').")
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="While streaming: the serving process's last sign of life (its progress is in "
+                                         "completion_tokens). A row silent for long is settled by another process.")
     time_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
     bytes_sent = models.PositiveBigIntegerField(default=0)

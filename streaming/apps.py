@@ -12,3 +12,9 @@ class StreamingConfig(AppConfig):
 
     def ready(self):
         from . import checks  # noqa: F401  (registers the system checks)
+        from .server import shutdown
+        from .streams import relay
+
+        # SIGTERM: once the drain time is up, the streams still running end with an error event and are settled.
+        if relay.end_all not in shutdown.hooks:
+            shutdown.hooks.append(relay.end_all)

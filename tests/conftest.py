@@ -2,11 +2,13 @@
 
 import itertools
 import os
+import sys
 from types import SimpleNamespace
 
 import httpx2
 import pytest
 
+from bench.servers import start_server
 from tests.support.gateways import REDIS_TEST_URL, RUNNING, eventually, gateway_server
 
 
@@ -91,3 +93,12 @@ def redis_url():
     client.close()
 
 
+
+
+@pytest.fixture(scope="session")
+def dialects():
+    """The provider of other servers' wire formats (tests/support/dialects.py), in a process of its own."""
+    command = [sys.executable, "-m", "uvicorn", "tests.support.dialects:app", "--host", "127.0.0.1", "--port",
+               "{port}", "--log-level", "warning", "--loop", "asyncio"]
+    with start_server(command) as server:
+        yield server

@@ -16,6 +16,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.db import transaction
 from django.db.models import Count, Q
+from django.http import QueryDict
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
@@ -36,7 +37,28 @@ QUOTA_FIELDS = ("plan", *LIMIT_FIELDS, "suspended", "timezone")
 # Shared behaviour ------------------------------------------------------------------------------
 
 
-class AuditedAdmin(admin.ModelAdmin):
+def without_nul(text):
+    # PostgreSQL refuses NUL characters in any text parameter (a 500), and no stored text contains one.
+    return text.replace("\x00", "")
+
+
+class NulFree:
+    """Changelist parameters (search, filters, any lookup) and autocomplete terms without NUL characters."""
+
+    def get_search_results(self, request, queryset, search_term):
+        # The autocomplete of fields pointing here searches with its own term.
+        return super().get_search_results(request, queryset, without_nul(search_term))
+
+    def changelist_view(self, request, extra_context=None):
+        if any("\x00" in key or any("\x00" in value for value in values) for key, values in request.GET.lists()):
+            cleaned = QueryDict(mutable=True)
+            for key, values in request.GET.lists():
+                cleaned.setlist(without_nul(key), [without_nul(value) for value in values])
+            request.GET = cleaned
+        return super().changelist_view(request, extra_context)
+
+
+class AuditedAdmin(NulFree, admin.ModelAdmin):
     audited_fields = ()
 
     def save_model(self, request, obj, form, change):
@@ -55,7 +77,67 @@ class TimezoneSelect:
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class AllowedModelsForm(forms.ModelForm):
+    """allowed_models ticked among the configured models (SLUICE_MODELS, read when the form is built) instead of typed
+    as JSON: a typo can no longer be saved. A name stored earlier and no longer configured is offered too, ticked, so
+    that saving another field keeps it (dropping it could widen the list to every model)."""
+
+    allowed_models = forms.MultipleChoiceField(required=False, widget=forms.CheckboxSelectMultiple)
+    none_ticked = "None ticked: every configured model."
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        stored = self.initial.get("allowed_models")
+        valid = stored is None or isinstance(stored, list) and all(isinstance(name, str) for name in stored)
+        names = stored if valid and stored else []
+        field = self.fields["allowed_models"]
+        field.choices = [*self.extra_choices(), *((name, name) for name in settings.SLUICE_MODELS),
+                         *((name, f"{name} (not configured)") for name in names if name not in settings.SLUICE_MODELS)]
+        field.help_text = self.none_ticked
+        if not valid:
+            # Saved past validation (a shell, an older admin): the plan allows nothing until a choice is saved here.
+            field.help_text += f" The stored value {stored!r:.80} is not a list of model names: no model is allowed."
+        self.initial["allowed_models"] = self.ticked(stored if valid else None)
+
+    def extra_choices(self):
+        return []
+
+    def ticked(self, stored):
+        return stored or []
+
+
+class PlanForm(AllowedModelsForm):
+    class Meta:
+        model = Plan
+        fields = "__all__"
+
+
+class UserQuotaForm(AllowedModelsForm):
+    """A user's override: nothing ticked keeps the plan's models; EVERY_MODEL gives every configured one."""
+
+    EVERY_MODEL = "*"
+    none_ticked = "None ticked: the plan's models."
+
+    class Meta:
+        model = UserQuota
+        fields = "__all__"
+
+    def extra_choices(self):
+        return [(self.EVERY_MODEL, "every configured model, whatever the plan allows")]
+
+    def ticked(self, stored):
+        return [self.EVERY_MODEL] if stored == [] else stored or []
+
+    def clean_allowed_models(self):
+        names = self.cleaned_data["allowed_models"]
+        if self.EVERY_MODEL not in names:
+            return names or None  # stored as null: the plan's value
+        if len(names) > 1:
+            raise forms.ValidationError("Tick either every configured model or some models, not both.")
+        return []
+
+
+class ReadOnlyAdmin(NulFree, admin.ModelAdmin):
     """Records written by the gateway or by other admin pages: viewable, never edited here."""
 
     def has_add_permission(self, request):
@@ -73,6 +155,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Plan)
 class PlanAdmin(AuditedAdmin):
+    form = PlanForm
     audited_fields = (*LIMIT_FIELDS, "is_default")
     list_display = ["name", "is_default", "tokens_per_day", "tokens_per_month", "requests_per_minute",
                     "concurrent_streams", "max_tokens_per_request", "users"]
@@ -92,6 +175,7 @@ class ChangePlanForm(forms.Form):
 
 @admin.register(UserQuota)
 class UserQuotaAdmin(TimezoneSelect, AuditedAdmin):
+    form = UserQuotaForm
     audited_fields = QUOTA_FIELDS
     list_display = ["user", "email", "plan", "suspended", "today", "left_today", "this_month", "left_this_month",
                     "limits", "ledger"]
@@ -186,7 +270,7 @@ class UserQuotaAdmin(TimezoneSelect, AuditedAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(NulFree, admin.ModelAdmin):
     list_display = ["prefix", "name", "user", "created_at", "last_used_at", "expires_at", "revoked_at", "active"]
     list_filter = ["revoked_at", "expires_at"]
     list_select_related = ["user"]
@@ -249,7 +333,7 @@ class ModelFilter(admin.SimpleListFilter):
         return [(name, name) for name in sorted({*settings.SLUICE_MODELS, *used}) if name]
 
     def queryset(self, request, queryset):
-        return queryset.filter(model=self.value()) if self.value() else queryset
+        return queryset.filter(model=without_nul(self.value())) if self.value() else queryset
 
 
 @admin.register(Usage)
@@ -267,7 +351,7 @@ class UsageAdmin(ReadOnlyAdmin):
 
     def get_search_results(self, request, queryset, search_term):
         # The username is looked up first: an OR across the join to auth_user would scan the ledger.
-        term = search_term.strip()
+        term = without_nul(search_term).strip()
         if not term:
             return queryset, False
         users = list(User.objects.filter(username=term).values_list("pk", flat=True))
@@ -307,6 +391,7 @@ class AuditEntryAdmin(ReadOnlyAdmin):
 
 class UserQuotaInline(TimezoneSelect, admin.StackedInline):
     model = UserQuota
+    form = UserQuotaForm
     fields = ["plan", "suspended", "timezone", *LIMIT_FIELDS]
     verbose_name = verbose_name_plural = "quota (none: the default plan)"
 
@@ -316,7 +401,7 @@ if admin.site.is_registered(User):
 
 
 @admin.register(User)
-class SluiceUserAdmin(UserAdmin):
+class SluiceUserAdmin(NulFree, UserAdmin):
     inlines = [*UserAdmin.inlines, UserQuotaInline]
 
     def save_formset(self, request, form, formset, change):

@@ -17,7 +17,7 @@ from django.db.models.functions import Coalesce
 from django.template.response import TemplateResponse
 from django.utils import formats, timezone
 
-from ..domain.selectors import TOKENS
+from ..domain.selectors import CHARGED, TOKENS
 from ..models import DailyUsage, Usage, UserQuota
 
 DAYS = 30
@@ -39,7 +39,7 @@ def _local_value(zones, now, of_local, output_field):
 
 def _tokens_counted(**window):
     rows = Usage.objects.filter(user_id=OuterRef("user_id"), counted=True, **window).order_by()
-    return Coalesce(Subquery(rows.values("user_id").annotate(tokens=Sum(TOKENS)).values("tokens")), 0)
+    return Coalesce(Subquery(rows.values("user_id").annotate(tokens=Sum(CHARGED)).values("tokens")), 0)
 
 
 def with_window_usage(quotas, now):

@@ -117,6 +117,16 @@ class TokenLease:
         granted = await self._lease(want)
         return granted >= tokens
 
+    async def top_up(self, tokens) -> int:
+        """Lease up to `tokens` more, as far as every window allows (no more than what is left); returns how many.
+
+        For a charge the stream could not meter as it went (usage a provider reports beyond what it streamed): it can
+        never take a window past its limit.
+        """
+        if tokens <= 0:
+            return 0
+        return await self._lease(tokens)
+
     async def _refresh_limits(self):
         self.limits_read_at = time.monotonic()
         limits = await limits_of(self.user_id)

@@ -6,6 +6,7 @@ The ledger is the truth about tokens spent; the counter store is a cache of it (
 import functools
 
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from ..models import DailyUsage, Usage
@@ -24,15 +25,54 @@ def ledger_row(*, request_id, user_id, api_key_id, model, stream, reserved_token
 
 @database
 def open_ledger(row: Usage):
-    """Insert the row of a running request (status `streaming`, holding its reservation)."""
+    """Insert the row of an admitted request (status `streaming`, holding its reservation), before its tokens are
+    leased: a counter store rebuilt from the ledger from then on counts the request (docs/quotas.md)."""
+    row.heartbeat_at = timezone.now()
     row.save(force_insert=True)
     return row
 
 
 @database
-def close_ledger(row: Usage, **fields):
-    """Settle the request's one row (inserting it if it was never opened) and its daily roll-up, in one
-    transaction."""
+def record_progress(row_id, completion_tokens: int):
+    """A running request's sign of life and the completion tokens it has sent so far (never lowered; nothing once
+    it has settled): what is charged if its process dies (`claim_abandoned`)."""
+    rows = Usage.objects.filter(pk=row_id, status=Usage.Status.STREAMING)
+    rows.filter(completion_tokens__lt=completion_tokens).update(completion_tokens=completion_tokens)
+    rows.update(heartbeat_at=timezone.now())
+
+
+@database
+def claim_abandoned(silent_since, limit=200) -> list[Usage]:
+    """Settle the rows of requests whose process went silent before `silent_since` (killed, lost its machine): each
+    becomes `worker_lost`, charged its prompt and the completion tokens of its last progress record, with its
+    roll-up. Every process may call this; a row is claimed by exactly one (a conditional update)."""
+    stale = (Q(heartbeat_at__lt=silent_since) | Q(heartbeat_at__isnull=True, started_at__lt=silent_since))
+    claimed = []
+    now = timezone.now()
+    for row in Usage.objects.filter(stale, status=Usage.Status.STREAMING).order_by("started_at")[:limit]:
+        charged = row.prompt_tokens + row.completion_tokens
+        with transaction.atomic():
+            won = Usage.objects.filter(pk=row.pk, status=Usage.Status.STREAMING,
+                                       heartbeat_at=row.heartbeat_at).update(
+                status=Usage.Status.WORKER_LOST, reason="worker_lost", ended_at=now, reserved_tokens=0,
+                charged_tokens=charged,
+                duration_ms=int((now - row.started_at).total_seconds() * 1000))
+            if not won:
+                continue
+            row.status, row.charged_tokens = Usage.Status.WORKER_LOST, charged
+            _roll_up(row)
+        claimed.append(row)
+    return claimed
+
+
+@database
+def close_ledger(row: Usage, **fields) -> bool:
+    """Settle the request's one row (inserting it if it was never opened) and its daily roll-up, in one transaction.
+
+    False if the row had been settled already, by another process that took this one for dead (its heartbeat went
+    silent for a lease's lifetime: ledger.claim_abandoned): that settlement stands, and the caller must not charge
+    the windows again.
+    """
     fields.setdefault("ended_at", timezone.now())
     fields["reserved_tokens"] = 0
     for name, value in fields.items():
@@ -40,9 +80,15 @@ def close_ledger(row: Usage, **fields):
     if row.started_at and row.ended_at:
         row.duration_ms = int((row.ended_at - row.started_at).total_seconds() * 1000)
     with transaction.atomic():
-        row.save()
+        if row.pk is None:
+            row.save(force_insert=True)
+        else:
+            names = [*fields, "duration_ms"]
+            if not Usage.objects.filter(pk=row.pk, status=Usage.Status.STREAMING).update(
+                    **{name: getattr(row, name) for name in names}):
+                return False
         _roll_up(row)
-    return row
+    return True
 
 
 @database

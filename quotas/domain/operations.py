@@ -11,7 +11,7 @@ from ..models import AuditEntry, Usage, UserQuota
 from ..store import get_store
 from .leases import window_specs
 from .policy import Limits
-from .selectors import TOKENS
+from .selectors import CHARGED
 
 Action = AuditEntry.Action
 
@@ -48,8 +48,8 @@ def reset_windows(actor, quotas, now):
             day, month = windows
             rows = (Usage.objects.filter(user_id=quota.user_id, counted=True)
                     .exclude(status=Usage.Status.STREAMING).filter(Q(day=day.start.date()) | Q(month=month.key)))
-            cleared = rows.aggregate(used_today=Sum(TOKENS, filter=Q(day=day.start.date()), default=0),
-                                     used_this_month=Sum(TOKENS, filter=Q(month=month.key), default=0))
+            cleared = rows.aggregate(used_today=Sum(CHARGED, filter=Q(day=day.start.date()), default=0),
+                                     used_this_month=Sum(CHARGED, filter=Q(month=month.key), default=0))
             rows.update(counted=False)
             keys += [spec.key for spec in specs]
             entries.append(AuditEntry.entry(actor, Action.WINDOW_RESET, quota, {"day": day.key, "month": month.key,

@@ -3,11 +3,14 @@
 Tested with plain values in tests/quotas/domain/test_policy.py.
 """
 
+import logging
 import math
 import re
 import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+logger = logging.getLogger("quotas")
 
 LIMIT_FIELDS = ("tokens_per_day", "tokens_per_month", "requests_per_minute", "concurrent_streams",
                 "max_tokens_per_request", "allowed_models")
@@ -31,12 +34,32 @@ class Limits:
         for name in LIMIT_FIELDS:
             value = getattr(override, name, None) if override is not None else None
             values[name] = value if value is not None else getattr(plan, name)
-        values["allowed_models"] = tuple(values["allowed_models"] or ())
+        values["allowed_models"] = _model_names(values["allowed_models"], plan)
         return cls(**values, suspended=bool(getattr(override, "suspended", False)),
                    timezone=getattr(override, "timezone", None) or "UTC")
 
     def allows_model(self, model, configured):
         return model in configured and (not self.allowed_models or model in self.allowed_models)
+
+
+# An allowed_models that matches no configured model (SLUICE_MODELS drops empty names): allows nothing.
+NO_MODEL = ("",)
+
+
+def _model_names(value, plan) -> tuple:
+    """allowed_models as a tuple of names (empty: every configured model).
+
+    A stored value that is not a list of names (saved past the admin's validation, from a shell or an older admin)
+    fails closed: no model is allowed until an operator fixes it, and each use says so in the log. Raising would
+    answer 500 to every request of the plan; ignoring it would widen the plan to every model.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        return tuple(value)
+    logger.warning("allowed_models of plan %s (or a user's override of it) is %.80r, not a list of model names: "
+                   "no model is allowed until it is fixed in the admin", getattr(plan, "name", "?"), value)
+    return NO_MODEL
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ QUOTA_FIELDS = (*LIMIT_FIELDS, "suspended", "timezone")
 # The user's quota record and its plan (LEFT JOINs: a user may have no record), in one query.
 LIMIT_COLUMNS = ("quota__id", *(f"quota__{name}" for name in QUOTA_FIELDS),
                  *(f"quota__plan__{name}" for name in LIMIT_FIELDS))
-# A ledger row's tokens, for aggregates.
+# A ledger row's tokens (the provider's truth, or Sluice's count), and what the user's windows were charged for it.
 TOKENS = F("prompt_tokens") + F("completion_tokens")
+CHARGED = F("charged_tokens")
 
 # Compiled once per database thread (quotas/domain/db.py): it runs on every authenticated request.
 _limits_row = PreparedQuery(lambda user_id: get_user_model().objects.filter(pk=user_id).values_list(*LIMIT_COLUMNS),
@@ -56,10 +57,12 @@ def ledger_state(user_id, window, now_dt):
     """(used, {request_id: reserved}) of one window, from the ledger: what a missing counter record holds."""
     rows = Usage.objects.filter(user_id=user_id, counted=True)
     rows = rows.filter(day=window.start.date()) if window.scope == "day" else rows.filter(month=window.key)
-    finished = rows.exclude(status=Usage.Status.STREAMING).aggregate(tokens=Sum(TOKENS, default=0))
-    # Requests still streaming hold at most their reservation; rows older than the longest possible stream belong
-    # to a crashed worker and hold nothing.
-    alive_since = now_dt - timedelta(seconds=settings.STREAM_MAX_DURATION + settings.QUOTA_SLOT_TTL)
-    running = rows.filter(status=Usage.Status.STREAMING, started_at__gte=alive_since)
+    # A settled row counts what it was charged (a provider may report more than the windows allowed: the ledger keeps
+    # the report, the windows the charge).
+    finished = rows.exclude(status=Usage.Status.STREAMING).aggregate(tokens=Sum("charged_tokens", default=0))
+    # Requests still running hold their reservation. A row whose process has been silent for longer than a lease
+    # lives holds nothing here: another process settles it and charges it then (ledger.claim_abandoned).
+    alive_since = now_dt - timedelta(seconds=settings.QUOTA_SLOT_TTL)
+    running = rows.filter(status=Usage.Status.STREAMING, heartbeat_at__gte=alive_since)
     leases = dict(running.values_list("request_id", "reserved_tokens"))
     return finished["tokens"], leases

@@ -3,11 +3,18 @@
 Connection settings come from django-redis's cache configuration (CACHES["default"]["LOCATION"]
 and OPTIONS["CONNECTION_POOL_KWARGS"]); django-redis itself has no asyncio client, so this store
 opens a `redis.asyncio` pool with the same settings, one per event loop.
+
+After Redis restarts, no request may fail on a connection the old server closed (issue 14), and no script may run
+twice for one operation. So a stale connection is replaced *before* a command is written to it, and no command is
+ever sent again: see `RedisStore.__init__`, and docs/quotas.md, "Failure modes".
 """
 
 from django.conf import settings
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from .base import CounterStore, LeaseResult, RateResult, SlotResult, StoreUnavailable
 from .base import PROBE_RETRY_SECONDS, PermitResult
@@ -170,6 +177,29 @@ class RedisStore(CounterStore):
         location, kwargs = connection_settings()
         kwargs.setdefault("socket_timeout", 2.0)
         kwargs.setdefault("socket_connect_timeout", 2.0)
+        # Stale connections. When Redis goes away, each idle pooled connection receives the server's FIN and its
+        # stream reader records the end of file. The pool checks for that before it hands a connection out
+        # (ConnectionPool.get_connection → ensure_connection: data or EOF on an idle connection → disconnect and
+        # connect again), so the command goes out on a fresh connection, once, and nothing has to be retried.
+        # redis-py 8.1.0 skips that check whenever maintenance notifications are enabled — and with RESP3 (8.x's
+        # default) over TCP they are enabled by default ("auto"), even on a server that does not support them —
+        # so each stale connection was handed out, the script written into the dead socket, and the reply read
+        # as "Connection closed by server": one 503 per pooled connection after every restart (redis/redis-py
+        # #4252, fixed upstream by #4260). Maintenance notifications only serve Redis Enterprise/Cloud's planned
+        # failovers; an operator who needs them can set `maint_notifications_config` in CONNECTION_POOL_KWARGS
+        # (on 8.1.0 that brings the stale-connection failures back).
+        kwargs.setdefault("maint_notifications_config", MaintNotificationsConfig(enabled=False))
+        # No retries, whatever CONNECTION_POOL_KWARGS says (`retry_on_error`/`retry_on_timeout` only add error
+        # types to this policy, which allows none). redis-py's retry sends the command again after *any* connection
+        # error or timeout, including one raised while reading the reply: the script may have run and only its
+        # reply been lost. Most scripts would survive that (leases, slots and renewals write absolute values per
+        # holder; `settle` charges only a window that still holds the holder's lease), but not all: a replayed
+        # `hit` finds its own first attempt in the window (a request counted, then refused at the limit), and a
+        # replayed `release_permit` applies the adaptive limit's step and the breaker's failure count twice.
+        # So a connection error surfaces as StoreUnavailable at once and the fail-open/closed settings decide.
+        # Connecting is not retried either, so a store that is down is reported within one connection attempt
+        # (refused: at once; unreachable: socket_connect_timeout).
+        kwargs["retry"] = Retry(NoBackoff(), 0)
         self.client = aioredis.Redis.from_url(location, **kwargs)
         self._rate = self.client.register_script(RATE)
         self._slot = self.client.register_script(SLOT)

@@ -51,31 +51,37 @@ class ThrottleMiddleware:
 
     async def __call__(self, request):
         path = request.path
-        if path.startswith(API_PREFIX):
-            api = True
-        elif path.startswith(DEMO_PREFIX):
-            api = False
-            if request.method not in SAFE_METHODS:
-                # process_view with no view: the demo's endpoints are never csrf_exempt. Cookie-based tokens
-                # (CSRF_USE_SESSIONS is off), so no query; a pass marks the request checked for Django's own.
-                rejected = self._csrf.process_view(request, None, (), {})
-                if rejected is not None:
-                    return rejected
-        else:
+        api = path.startswith(API_PREFIX)
+        if not api and not path.startswith(DEMO_PREFIX):
             return await self.get_response(request)
+        request_id = f"req_{uuid.uuid4().hex}"
+        if not api and request.method not in SAFE_METHODS:
+            # process_view with no view: the demo's endpoints are never csrf_exempt. Cookie-based tokens
+            # (CSRF_USE_SESSIONS is off), so no query; a pass marks the request checked for Django's own.
+            rejected = self._csrf.process_view(request, None, (), {})
+            if rejected is not None:
+                return _identified(rejected, request_id)
         try:
-            caller = await self._admit(request, api, path in COMPLETION_PATHS)
-        except QuotaRefusal as refusal:
-            return api_error(refusal).response()
+            caller = await self._identify(request, api, request_id)
+        except QuotaRefusal as refusal:  # no key, or a bad one: nobody to meter, only the request to name
+            return _identified(api_error(refusal).response(), request_id)
         if caller is None:  # not signed in on the demo: the view answers
-            return await self.get_response(request)
+            return _identified(await self.get_response(request), request_id)
         request.sluice = caller
-        response = await self.get_response(request)
-        response["x-request-id"] = caller.request_id
+        try:
+            if path in COMPLETION_PATHS:
+                await self._count(caller)
+        except QuotaRefusal as refusal:
+            response = api_error(refusal).response()
+        else:
+            response = await self.get_response(request)
+        # Refusals too: the caller is known, so are their limits (docs/api.md promises them on every response).
+        _identified(response, caller.request_id)
         await self._add_headers(response, caller)
         return response
 
-    async def _admit(self, request, api: bool, completion: bool):
+    async def _identify(self, request, api: bool, request_id: str):
+        """The caller (an API key's user, or the session's), with their limits; None when not signed in."""
         if api:
             scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
             holder = await keys.authenticate(raw.strip() if scheme.lower() == "bearer" else "")
@@ -86,20 +92,20 @@ class ThrottleMiddleware:
                 return None
             user_id, key_id, username = user.pk, None, user.get_username()
             limits = await limits_of(user_id)
-        caller = Caller(request_id=f"req_{uuid.uuid4().hex}", user_id=user_id, api_key_id=key_id, limits=limits,
-                        username=username)
-        if not completion:
-            return caller
+        return Caller(request_id=request_id, user_id=user_id, api_key_id=key_id, limits=limits, username=username)
+
+    async def _count(self, caller):
+        """A completion: refused if the user is suspended or over the request rate (with its ledger row)."""
+        limits = caller.limits
         try:
             if limits.suspended:
                 raise Suspended()
-            caller.rate = await admission.hit_rate(user_id, limits, time.time())
+            caller.rate = await admission.hit_rate(caller.user_id, limits, time.time())
         except QuotaRefusal as refusal:
             metrics.REFUSALS.labels(refusal.code).inc()
-            await ledger.record_refusal(request_id=caller.request_id, user_id=user_id, api_key_id=key_id,
-                                        model="", code=refusal.code, limits=limits)
+            await ledger.record_refusal(request_id=caller.request_id, user_id=caller.user_id,
+                                        api_key_id=caller.api_key_id, model="", code=refusal.code, limits=limits)
             raise
-        return caller
 
     async def _add_headers(self, response, caller):
         limits = caller.limits
@@ -120,3 +126,8 @@ class ThrottleMiddleware:
         day = status["day"]
         response["x-ratelimit-remaining-tokens"] = str(day["remaining"])
         response["x-ratelimit-reset-tokens"] = duration(day["reset_seconds"])
+
+
+def _identified(response, request_id):
+    response["x-request-id"] = request_id
+    return response

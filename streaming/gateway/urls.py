@@ -1,8 +1,8 @@
-"""The gateway's routes: the OpenAI-compatible API, the browser demo and its session endpoints, /metrics."""
+"""The gateway's routes: the OpenAI-compatible API, the browser demo and its session endpoints, /metrics, the probes."""
 
 from django.urls import path, re_path
 
-from . import demo, metrics_endpoint, views
+from . import demo, health, metrics_endpoint, views
 
 urlpatterns = [
     path("v1/chat/completions", views.chat_completions, name="chat-completions"),
@@ -13,4 +13,6 @@ urlpatterns = [
     path("api/chat", demo.chat, name="demo-api-chat"),
     path("api/quota", demo.quota, name="demo-api-quota"),
     path("metrics", metrics_endpoint.metrics, name="metrics"),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
 ]

@@ -1,10 +1,15 @@
 """Validation of /v1/chat/completions bodies: a clear OpenAI-style 400 for every mistake."""
 
 import json
+import math
+import re
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 
+from quotas.domain.exceptions import ModelNotAllowed
+from quotas.models import Usage
 from streaming.errors import ApiError, invalid
 
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
@@ -20,6 +25,11 @@ KNOWN_FIELDS = set(OPTIONAL_FIELDS) | {"model", "messages", "stream", "stream_op
                                        "max_completion_tokens"}
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object",
               bool: "a boolean"}
+# Deeper than any real request: a JSON schema in `tools` or `response_format` nests a few dozen levels at most (OpenAI's
+# structured outputs allow 10 schema levels). The body is walked and re-serialised for the provider; past this it is
+# refused, and far past it (thousands of levels) the JSON parser itself gives up.
+MAX_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -45,17 +55,110 @@ def parse_body(request) -> dict:
     content_type = request.content_type or ""
     if content_type != "application/json":
         raise ApiError("Content-Type must be application/json.", status=415, param=None, code="unsupported_media_type")
-    length = int(request.headers.get("Content-Length") or 0)
-    if length > settings.SLUICE_MAX_BODY_BYTES or len(request.body) > settings.SLUICE_MAX_BODY_BYTES:
-        raise ApiError(f"Request body is larger than {settings.SLUICE_MAX_BODY_BYTES} bytes.", status=413,
-                       code="request_too_large")
-    try:
-        body = json.loads(request.body)
-    except (ValueError, UnicodeDecodeError):
-        raise invalid("We could not parse the JSON body of your request.", code="invalid_json")
+    body = _load_json(_read_body(request))
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_json")
+    _inspect(body)
     return body
+
+
+def _read_body(request) -> bytes:
+    limit = settings.SLUICE_MAX_BODY_BYTES
+    too_large = ApiError(f"Request body is larger than {limit} bytes.", status=413, code="request_too_large")
+    try:
+        length = int(request.headers.get("Content-Length") or 0)
+    except ValueError:  # duplicated or malformed: the body's own size is checked below
+        length = 0
+    if length > limit:
+        raise too_large
+    try:
+        body = request.body
+    except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE, sent chunked or with an understated length
+        raise too_large from None
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
+def _load_json(raw: bytes):
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _too_deep() from None
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("We could not parse the JSON body of your request.", code="invalid_json") from None
+
+
+def _refuse_constant(name):
+    # Python's parser accepts NaN and ±Infinity, which JSON does not have; no provider takes them either.
+    raise invalid(f"The JSON body contains {name}, which is not a JSON number: numbers must be finite.",
+                  code="invalid_json")
+
+
+def _finite_float(literal):
+    value = float(literal)
+    if not math.isfinite(value):  # 1e309: valid JSON, but beyond what a double (or any provider) holds
+        raise invalid(f"The JSON body contains the number {literal[:40]}, which is too large: numbers must be finite.",
+                      code="invalid_value")
+    return value
+
+
+def _too_deep():
+    return invalid(f"The JSON body is nested too deeply (more than {MAX_DEPTH} levels).", code="invalid_json")
+
+
+class _Refused(Exception):
+    """A value deep in the body is refused: its path is collected on the way back up (none is built otherwise)."""
+
+    def __init__(self, error):
+        self.error, self.path = error, []
+
+
+def _inspect(body):
+    """Refuse nesting past MAX_DEPTH and lone surrogates in any string or key, naming where."""
+    try:
+        _inspect_value(body, 1)
+    except _Refused as refused:
+        param = _param(reversed(refused.path))
+        error = refused.error
+        if error.code == "invalid_value":
+            error.param = param
+            error.message = f"Invalid value for '{param or 'the body'}': {error.message}"
+        raise error from None
+
+
+def _inspect_value(value, depth):
+    if isinstance(value, str):
+        _check_string(value)
+        return
+    if depth > MAX_DEPTH:
+        raise _Refused(_too_deep())
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(key, str):
+            _check_string(key, "a key of this object")
+        if isinstance(item, (str, dict, list)):
+            try:
+                _inspect_value(item, depth + 1)
+            except _Refused as refused:
+                refused.path.append(key)
+                raise
+
+
+def _check_string(text, what="the string"):
+    # A lone surrogate (\ud800 with no partner) decodes into a Python str but has no UTF-8 form: the provider call
+    # would fail on it.
+    if not text.isascii() and (found := _SURROGATE.search(text)):
+        raise _Refused(invalid(f"{what} contains a lone UTF-16 surrogate (\\u{ord(found.group()):04x}), "
+                               "which is not valid Unicode.", code="invalid_value"))
+
+
+def _param(path):
+    """messages[0].content from ("messages", 0, "content")."""
+    param = ""
+    for part in path:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else part)
+    return param or None
 
 
 def parse_chat_request(body: dict) -> ChatRequest:
@@ -66,6 +169,7 @@ def parse_chat_request(body: dict) -> ChatRequest:
     if "model" not in body:
         raise invalid("You must provide a model parameter.", param="model", code="missing_required_parameter")
     _expect(body["model"], str, "model")
+    _check_model_name(body["model"])
     if "messages" not in body:
         raise invalid("Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
     messages = body["messages"]
@@ -76,6 +180,8 @@ def parse_chat_request(body: dict) -> ChatRequest:
         param = f"messages[{i}]"
         _expect(message, dict, param)
         role = message.get("role")
+        if role is not None:
+            _expect(role, str, f"{param}.role")  # a list or an object cannot even be looked up in ROLES
         if role not in ROLES:
             raise invalid(f"Invalid value for '{param}.role': expected one of {', '.join(sorted(ROLES))}.",
                           param=f"{param}.role", code="invalid_value")
@@ -83,6 +189,8 @@ def parse_chat_request(body: dict) -> ChatRequest:
         if content is not None and not isinstance(content, (str, list)):
             raise invalid(f"Invalid type for '{param}.content': expected a string or an array.",
                           param=f"{param}.content", code="invalid_type")
+        if isinstance(content, list):
+            _check_parts(content, f"{param}.content")
     stream = body.get("stream", False)
     _expect(stream, bool, "stream")
     stream_options = body.get("stream_options")
@@ -108,3 +216,23 @@ def parse_chat_request(body: dict) -> ChatRequest:
         raise invalid("Only n=1 is supported.", param="n", code="invalid_value")
     return ChatRequest(model=body["model"], messages=messages, stream=stream, include_usage=include_usage,
                        max_tokens=max_tokens, options=options, raw_fields=frozenset(body))
+
+
+def _check_model_name(model):
+    """A name no configured model has and no ledger row can hold (NUL, which PostgreSQL refuses in text; longer than
+    the column): refused as unknown here, since the refusal's ledger row names the model."""
+    if "\x00" in model or len(model) > Usage._meta.get_field("model").max_length:
+        raise ModelNotAllowed(model)
+
+
+def _check_parts(parts, param):
+    """Content parts: objects with a string `type`; a text part's `text` is a string. Other types pass through (the
+    provider knows which it supports)."""
+    for j, part in enumerate(parts):
+        where = f"{param}[{j}]"
+        _expect(part, dict, where)
+        for name in ("type", "text") if part.get("type") == "text" else ("type",):
+            if name not in part:
+                raise invalid(f"Missing required parameter: '{where}.{name}'.", param=f"{where}.{name}",
+                              code="missing_required_parameter")
+            _expect(part[name], str, f"{where}.{name}")

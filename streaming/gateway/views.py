@@ -89,9 +89,52 @@ def csrf_failure(request, reason=""):
     return default(request, reason)
 
 
+# Where every answer is OpenAI's error JSON, even Django's own refusals (the handlers below).
+JSON_PREFIXES = ("/v1/", "/api/")
+
+
+def _answers_json(request):
+    return request.path.startswith(JSON_PREFIXES)
+
+
+def bad_request(request, exception=None):
+    """handler400: what Django refuses before a view can (a body over DATA_UPLOAD_MAX_MEMORY_SIZE, a form it cannot
+    parse, a Host not in ALLOWED_HOSTS): OpenAI error JSON under /v1/ and /api/, Django's page elsewhere."""
+    from django.core.exceptions import RequestDataTooBig
+
+    if not _answers_json(request):
+        from django.views.defaults import bad_request as default
+
+        return default(request, exception)
+    if isinstance(exception, RequestDataTooBig):
+        return ApiError(f"Request body is larger than {settings.SLUICE_MAX_BODY_BYTES} bytes.", status=413,
+                        code="request_too_large").response()
+    return ApiError("The request could not be read (a malformed body or header).", status=400,
+                    code="bad_request").response()
+
+
+def permission_denied(request, exception=None):
+    """handler403: OpenAI error JSON under /v1/ and /api/, Django's page elsewhere."""
+    if not _answers_json(request):
+        from django.views.defaults import permission_denied as default
+
+        return default(request, exception)
+    return ApiError("You do not have permission to do this.", status=403, type="permission_error",
+                    code="permission_denied").response()
+
+
+def page_not_found(request, exception=None):
+    """handler404: an unknown URL under /api/ (under /v1/ the `unknown` view answers first), as under /v1/."""
+    if not _answers_json(request):
+        from django.views.defaults import page_not_found as default
+
+        return default(request, exception)
+    return not_found(f"Unknown request URL: {request.method} {request.path}.", code="unknown_url").response()
+
+
 def server_error(request):
-    """handler500: OpenAI error JSON under /v1/, Django's plain page elsewhere."""
-    if request.path.startswith("/v1/"):
+    """handler500: OpenAI error JSON under /v1/ and /api/, Django's plain page elsewhere."""
+    if _answers_json(request):
         return ApiError("The server had an error while processing your request.", status=500,
                         type="server_error", code="internal_error").response()
     from django.views.defaults import server_error as default

@@ -16,8 +16,9 @@ ERROR = "error"  # {"error": {...}}: the provider failed mid-answer
 INVALID = "invalid"  # not a JSON object
 CHUNK = "chunk"  # a completion chunk (choices and/or usage)
 
-# Delta fields that carry the answer (metered), in the order they are looked at.
-TEXT_FIELDS = ("content", "reasoning_content", "refusal")
+# Delta fields that carry text the provider bills as completion tokens: the answer, a refusal, and reasoning under
+# both names servers use (vLLM >= 0.17 and OpenRouter send `reasoning`, earlier vLLM and DeepSeek `reasoning_content`).
+TEXT_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
 
 
 class Event:
@@ -26,15 +27,16 @@ class Event:
     may be handed to the client: text, a tool or function call, a finish reason, usage, [DONE] — and anything
     that is not a chunk, which is the relay's to report."""
 
-    __slots__ = ("data", "kind", "tokens", "usage", "has_choices", "begins_answer")
+    __slots__ = ("data", "kind", "tokens", "usage", "has_choices", "begins_answer", "finished")
 
-    def __init__(self, data, kind, tokens=0, usage=None, has_choices=False, begins_answer=True):
+    def __init__(self, data, kind, tokens=0, usage=None, has_choices=False, begins_answer=True, finished=False):
         self.data = data
         self.kind = kind
         self.tokens = tokens
         self.usage = usage
         self.has_choices = has_choices
         self.begins_answer = begins_answer
+        self.finished = finished  # a choice carries a finish_reason: the answer is complete
 
     def __repr__(self):
         return f"Event({self.kind}, tokens={self.tokens}, {self.data[:40]!r})"
@@ -57,6 +59,7 @@ def classify(data: bytes) -> Event:
     choices = chunk.get("choices")
     tokens = 0
     begins = usage is not None
+    finished = False
     if choices and isinstance(choices, list):
         for choice in choices:
             if not isinstance(choice, dict):
@@ -67,16 +70,24 @@ def classify(data: bytes) -> Event:
                     text = delta.get(name)
                     if text:
                         tokens += chunk_tokens(text) if isinstance(text, str) else 1
-                        break
-                else:
-                    if delta.get("tool_calls"):
-                        tokens += 1
-                    elif delta.get("function_call"):
-                        begins = True
+                calls = delta.get("tool_calls")
+                if calls:
+                    for call in calls if isinstance(calls, list) else (calls,):
+                        tokens += _call_tokens(call.get("function") if isinstance(call, dict) else None)
+                if delta.get("function_call"):
+                    tokens += _call_tokens(delta["function_call"])
             if choice.get("finish_reason"):
-                begins = True
-        return Event(data, CHUNK, tokens, usage, True, begins or tokens > 0)
+                begins = finished = True
+        return Event(data, CHUNK, tokens, usage, True, begins or tokens > 0, finished)
     return Event(data, CHUNK, 0, usage, False, begins)
+
+
+def _call_tokens(function) -> int:
+    """A tool or function call delta: its name and the piece of its arguments it carries, at least one token."""
+    if not isinstance(function, dict):
+        return 1
+    text = " ".join(part for part in (function.get("name"), function.get("arguments")) if isinstance(part, str))
+    return chunk_tokens(text) if text.strip() else 1
 
 
 class SSEParser:

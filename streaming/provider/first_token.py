@@ -113,8 +113,8 @@ class GuardedStream:
 
     def _note(self, batch):
         for event in batch:
-            if event.kind == DONE:
-                self.outcome = OUTCOME_OK
+            if event.kind == DONE or event.finished:
+                self.outcome = OUTCOME_OK  # a provider may end its body without [DONE] after a finish_reason
             elif event.kind == ERROR:
                 self.outcome = OUTCOME_FAILED
         return batch

@@ -16,12 +16,15 @@ from daphne.server import Server  # noqa: E402  isort:skip
 import asyncio
 import logging
 import warnings
+from http import HTTPStatus
 
 import daphne
 from daphne.http_protocol import WebRequest
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
+
+from streaming.server.shutdown import DrainingServer
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class ResponseGate:
         await self._may_produce.wait()
 
 
-class BackpressureServer(Server):
+class BackpressureServer(DrainingServer, Server):
     """Daphne's Server whose HTTP ``send()`` blocks while Twisted has paused the connection's producer."""
 
     send_buffer_bytes = SEND_BUFFER_BYTES
@@ -95,6 +98,12 @@ class BackpressureServer(Server):
 
     def protocol_connected(self, protocol):
         super().protocol_connected(protocol)
+        if isinstance(protocol, WebRequest):
+            # Twisted parses form bodies into request.args, which Daphne never reads, and answers a bare 400 (no
+            # content type, no body) to one it cannot parse, before the application sees the request: let the
+            # application, which reads the body itself, answer. (Twisted's constructor argument
+            # parsePOSTFormSubmission, for the Request Daphne builds; this runs before the body has arrived.)
+            protocol._parsePOSTFormSubmission = False
         # Only plain HTTP requests are gated: WebSocket protocols have no channel (and no flow control in
         # Daphne at all, django/daphne#170).
         channel = getattr(protocol, "channel", None)
@@ -145,6 +154,10 @@ class BackpressureServer(Server):
             protocol.channel.transport.abortConnection()
 
     async def handle_reply(self, protocol, message):
+        if message.get("type") == "http.response.start":
+            await super().handle_reply(protocol, message)
+            _set_reason(protocol, message.get("status"))
+            return
         if message.get("type") != "http.response.body" or not message.get("more_body", False):
             await super().handle_reply(protocol, message)
             return
@@ -168,6 +181,16 @@ class BackpressureServer(Server):
         if gate is not None:
             # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
             await gate.wait()
+
+
+def _set_reason(protocol, status):
+    """The status line's reason phrase from the standard library's table: Twisted's lacks some codes (429 among them)
+    and writes "Unknown Status" for them. The line is written with the first body bytes, so this still applies."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except (ValueError, TypeError):  # a code outside the table keeps Twisted's own phrase
+        return
+    protocol.setResponseCode(status, phrase.encode("ascii"))
 
 
 def _buffered(transport) -> bool:

@@ -7,10 +7,12 @@ provider is configured, or run alone with ``python -m streaming.simulator --port
 It writes deterministic text at a configurable rate and can be told (``POST /control``) to answer
 429 with ``Retry-After``, 5xx, fail mid-stream, or admit only N concurrent requests. ``GET /stats``
 reports what it produced, how long its writes were blocked by a reader that stopped reading
-(backpressure), and which requests saw their connection closed by the gateway.
+(backpressure), and which requests saw their connection closed by the gateway. Alone, these are open (a
+developer tool on 127.0.0.1); mounted in a gateway they need its SIMULATOR_CONTROL_TOKEN (``control_token``).
 """
 
 import asyncio
+import hmac
 import itertools
 import json
 import random
@@ -101,10 +103,17 @@ def count_prompt_tokens(messages):
     return total
 
 
+# What changes the simulator's behaviour or reports on every request it served.
+CONTROL_PATHS = frozenset({"/control", "/control/reset", "/stats"})
+
+
 class Simulator:
-    def __init__(self, control=None):
+    def __init__(self, control=None, control_token=None):
+        """`control_token`: None leaves CONTROL_PATHS open; else a callable giving, at each request, the token they
+        require as `Authorization: Bearer <token>` ("" turns them off: 404)."""
         self.state = State(control=control or Control())
         self.random = random.Random(self.state.control.seed)
+        self.control_token = control_token
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -116,6 +125,8 @@ class Simulator:
         if root and path.startswith(root):
             path = path[len(root) :]
         method = scope["method"]
+        if path in CONTROL_PATHS and (refusal := self._refuse_control(scope)):
+            return await _json(send, *refusal)
         if path.endswith("/chat/completions") and method == "POST":
             body = await _read_body(receive)
             return await self._chat(scope, receive, send, body)
@@ -137,6 +148,19 @@ class Simulator:
             self.random = random.Random(0)
             return await _json(send, 200, asdict(self.state.control))
         return await _json(send, 404, _error("Not found", "invalid_request_error", "not_found"))
+
+    def _refuse_control(self, scope):
+        """(status, error) unless the request may use the switches and stats."""
+        if self.control_token is None:
+            return None
+        token = self.control_token()
+        if not token:
+            return 404, _error("Not found", "invalid_request_error", "not_found")
+        scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token.encode()):
+            return 401, _error("The simulator's switches need 'Authorization: Bearer <SIMULATOR_CONTROL_TOKEN>'.",
+                               "invalid_request_error", "invalid_api_key")
+        return None
 
     async def _lifespan(self, receive, send):
         while True:

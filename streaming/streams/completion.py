@@ -1,14 +1,16 @@
 """One chat completion's whole life, top to bottom: admit → open the provider's stream → relay → settle.
 
-    admit     take a concurrent-stream slot, check the model, write nothing yet, lease the prompt and a first
-              block of tokens (a refusal is settled at once, as a `rejected` row);
+    admit     take a concurrent-stream slot, check the model, insert the ledger row (status `streaming`), then
+              lease the prompt and a first block of tokens (a refusal is settled at once, as a `rejected` row);
     open      ask the provider, with retries before the first byte (streaming/provider/retries.py);
     relay     provider → client with backpressure (relay.py), metering through `_cover`;
     settle    `_settle`, exactly once whatever happened: the ledger row (the truth), the token lease (charged what
               was delivered, the rest returned), the slot — the only place that releases it.
 
-The ledger row of a stream is inserted at the watchdog's first tick (within a second), never on the first token's
-path; a request that ends before (refused, failed, short or non-streaming) is written once, when it settles.
+The ledger row is inserted before any token is leased, so that a counter store rebuilt from the ledger at any
+moment counts every admitted request (docs/quotas.md). While a stream runs, its row records progress (the
+completion tokens sent) at each lease and each renewal: if this process dies, another settles the row from it
+(quotas/domain/recovery.py).
 """
 
 import asyncio
@@ -21,9 +23,10 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 
 from quotas.domain import admission, ledger
-from quotas.domain.exceptions import ModelNotAllowed, QuotaRefusal
+from quotas.domain.exceptions import CounterStoreDown, ModelNotAllowed, QuotaRefusal
 from quotas.domain.leases import TokenLease
 from quotas.domain.policy import estimate_prompt_tokens
+from quotas.domain.recovery import reaper
 from quotas.models import Usage
 from streaming.errors import duration
 from streaming.provider import retries
@@ -52,8 +55,9 @@ class Completion:
         self.started = time.monotonic()
         self.lease = TokenLease(caller.user_id, caller.limits, self.request_id, timezone.now())
         self.slot_key = None
-        self.row = None  # the ledger row: unsaved until the watchdog's first tick or the settlement writes it
-        self._opening = None  # the task inserting it
+        self.row = None  # the ledger row, inserted at admission (or, for a refusal before that, at settlement)
+        self.relay = None
+        self._progress = set()  # progress writes in flight (kept referenced until done)
         self._renewed_at = self.started
         self._finishing = None
         self._settled = False
@@ -62,6 +66,9 @@ class Completion:
 
     async def respond(self):
         await self._admit()
+        # Until a relay's watchdog takes over (or a non-streaming answer arrives), the lease, the slot and the row's
+        # heartbeat are kept alive from here: waiting for a slow provider is not dying.
+        keep_alive = asyncio.ensure_future(self._keep_alive())
         try:
             if not self.chat.stream:
                 raw = await retries.complete(self.url, self._provider_body(), self.request_id, self.caller.user_id)
@@ -74,9 +81,12 @@ class Completion:
         except BaseException:  # cancelled: the client went away while the provider was being asked
             await self._settle("client_disconnected")
             raise
-        relay = Relay(events, request_id=self.request_id, include_usage=self.chat.include_usage, meter=self._cover,
-                      heartbeat=self._heartbeat, on_stall=lambda: self._finish(relay, "client_stalled"),
-                      started=self.started, settings=settings)
+        finally:
+            keep_alive.cancel()
+        relay = self.relay = Relay(
+            events, request_id=self.request_id, include_usage=self.chat.include_usage, meter=self._cover,
+            heartbeat=self._heartbeat, on_stall=lambda: self._finish(relay, "client_stalled"), started=self.started,
+            settings=settings, prompt_tokens=self.lease.prompt_tokens, max_tokens=self.lease.max_tokens)
         response = StreamingHttpResponse(self._stream(relay), content_type="text/event-stream", headers=STREAM_HEADERS)
         return self._with_token_headers(response)
 
@@ -88,11 +98,14 @@ class Completion:
             request_id=self.request_id, user_id=caller.user_id, api_key_id=caller.api_key_id, model=chat.model,
             stream=chat.stream, reserved_tokens=prompt_tokens + min(chat.max_tokens or plan_max, plan_max),
             windows=self.lease.windows)
+        self.row.prompt_tokens = prompt_tokens
         metrics.SETTLING.inc()
+        reaper.ensure_running()
         try:
             self.slot_key = await admission.acquire_slot(caller.user_id, limits, self.request_id, time.time())
             if not limits.allows_model(chat.model, settings.SLUICE_MODELS):
                 raise ModelNotAllowed(chat.model)
+            await ledger.open_ledger(self.row)
             await self.lease.admit(prompt_tokens, chat.max_tokens, chat.stream)
         except QuotaRefusal as refusal:
             metrics.REFUSALS.labels(refusal.code).inc()
@@ -140,14 +153,15 @@ class Completion:
         lease = self.lease
         reported = bool(reported_usage) and status == "completed"
         if reported:
-            prompt_tokens = int(reported_usage.get("prompt_tokens") or 0)
-            completion_tokens = int(reported_usage.get("completion_tokens") or 0)
+            prompt_tokens = _count(reported_usage.get("prompt_tokens"))
+            completion_tokens = _count(reported_usage.get("completion_tokens"))
         else:
             # Interrupted: the prompt as estimated, the completion as metered — never the maximum.
             prompt_tokens = lease.prompt_tokens if charge_prompt else 0
             completion_tokens = figures.completion_tokens if figures else 0
+        charged = await self._chargeable(prompt_tokens + completion_tokens)
         fields = {"status": status, "reason": reason, "prompt_tokens": prompt_tokens,
-                  "completion_tokens": completion_tokens, "usage_reported": reported}
+                  "completion_tokens": completion_tokens, "usage_reported": reported, "charged_tokens": charged}
         ttft = None
         if figures is not None:
             if figures.first_token_at:
@@ -156,15 +170,12 @@ class Completion:
                 bytes_sent=figures.bytes_sent, backpressure_pauses=figures.pauses,
                 paused_ms=int(figures.paused_seconds * 1000), peak_buffered_bytes=figures.peak_buffered_bytes,
                 time_to_first_token_ms=int(ttft * 1000) if ttft is not None else None)
-        if self._opening is not None:
-            try:
-                await self._opening
-            except Exception:  # the settlement below inserts the row instead
-                logger.exception("could not write the ledger row of %s when it started", self.request_id)
+        settled_here = False
         try:
-            await ledger.close_ledger(self.row, **fields)
+            settled_here = await ledger.close_ledger(self.row, **fields)
         finally:
-            await lease.settle(prompt_tokens + completion_tokens)
+            # If another process settled the row meanwhile (it took this one for dead), it charged the windows.
+            await lease.settle(charged if settled_here else 0)
             await admission.release_slot(self.slot_key, self.request_id)
             metrics.SETTLING.dec()
         if status != Usage.Status.REJECTED:
@@ -172,21 +183,49 @@ class Completion:
 
     # What the relay is given -------------------------------------------------------------------------------------
 
-    async def _cover(self, total_tokens) -> int:
-        """The relay's meter: lease enough for `total_tokens` completion tokens, or raise the window that ran out."""
+    async def _chargeable(self, tokens) -> int:
+        """What the user's windows are charged for `tokens`: all of it while the lease covers it; beyond that (a
+        provider reporting tokens it did not stream: hidden reasoning, a larger prompt than estimated) only as much
+        as the windows still allow, so that no window is ever exceeded. The ledger keeps the provider's figures."""
         lease = self.lease
-        if total_tokens > lease.completion_leased and not await lease.need(total_tokens - lease.completion_leased):
-            raise lease.exhausted()
+        if tokens > lease.held:
+            try:
+                await lease.top_up(tokens - lease.held)
+            except CounterStoreDown:
+                pass
+        return min(tokens, lease.held)
+
+    async def _cover(self, total_tokens) -> int:
+        """The relay's meter: lease enough for `total_tokens` completion tokens, or raise the window that ran out.
+
+        Each new lease also records the stream's progress in its ledger row (off the stream's path): what is
+        charged if this process dies, so at most one lease block of what was sent goes unbilled."""
+        lease = self.lease
+        if total_tokens > lease.completion_leased:
+            if not await lease.need(total_tokens - lease.completion_leased):
+                raise lease.exhausted()
+            self._record_progress(total_tokens)
         return lease.completion_leased
 
+    def _record_progress(self, completion_tokens):
+        task = asyncio.ensure_future(ledger.record_progress(self.row.pk, completion_tokens))
+        self._progress.add(task)
+        task.add_done_callback(self._progress.discard)
+
+    async def _keep_alive(self):
+        while True:
+            await asyncio.sleep(settings.QUOTA_SLOT_TTL / 6)
+            await self._heartbeat()
+
     async def _heartbeat(self):
-        """Each watchdog tick: the ledger row of a running stream, and the lease and slot kept alive."""
-        if self._opening is None and not self._settled:
-            self._opening = asyncio.ensure_future(ledger.open_ledger(self.row))
+        """Each watchdog tick: the lease and slot kept alive, and the row's heartbeat and progress, every third of
+        their time to live."""
         now = time.monotonic()
         if now - self._renewed_at > settings.QUOTA_SLOT_TTL / 3:
             self._renewed_at = now
             await self.lease.renew(self.slot_key)
+            if not self._settled:
+                self._record_progress(self.relay.figures.completion_tokens if self.relay is not None else 0)
 
     # Helpers -----------------------------------------------------------------------------------------------------
 
@@ -209,6 +248,14 @@ class Completion:
             response["x-ratelimit-remaining-tokens"] = str(lease.remaining)
             response["x-ratelimit-reset-tokens"] = duration(lease.windows[0].seconds_left(timezone.now()))
         return response
+
+
+def _count(value) -> int:
+    """A token count from a provider's usage: a non-negative integer, whatever it sent."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _usage_of(raw: bytes):

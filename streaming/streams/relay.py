@@ -11,8 +11,10 @@ the maximum duration, and calls `heartbeat` once a tick.
 """
 
 import asyncio
+import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 from quotas.domain.exceptions import CounterStoreDown, QuotaRefusal
@@ -32,6 +34,18 @@ OPENED = b": stream open\n\n"
 DONE_EVENT = b"data: [DONE]\n\n"
 # How long a provider that sent [DONE] gets to end its body, so that its connection returns to the pool.
 DRAIN_SECONDS = 0.25
+OVERRUN = object()  # the provider streamed past max_tokens
+# The relays writing a response in this process now, for the server's drain (end_all).
+running: "weakref.WeakSet[Relay]" = weakref.WeakSet()
+SHUTDOWN = ApiError("The server is restarting: retry the request.", status=503, type="server_error",
+                    code="server_shutdown")
+
+
+async def end_all():
+    """End every running stream with a final error event (the server is shutting down and its drain time is up): each
+    is settled as `worker_lost`, charged what it sent (streaming/server/shutdown.py calls this)."""
+    for relay in list(running):
+        await relay.end_early("worker_lost", SHUTDOWN)
 
 
 @dataclass(frozen=True)
@@ -49,10 +63,15 @@ class Relay:
     than `covered` (the total it returned last): it returns the new covered total, or raises the refusal (a quota
     exhausted) that ends the stream with an error event."""
 
-    def __init__(self, events, *, request_id, include_usage, meter, heartbeat, on_stall, started, settings):
+    def __init__(self, events, *, request_id, include_usage, meter, heartbeat, on_stall, started, settings,
+                 prompt_tokens=0, max_tokens=None):
         self.request_id = request_id
         self.events = events
         self.include_usage = include_usage
+        self.prompt_tokens = prompt_tokens  # Sluice's estimate, for a usage chunk of its own
+        self.max_tokens = max_tokens  # the completion's budget: a provider that overruns it is cut there
+        self.finished = False  # a finish_reason came
+        self.last_chunk = None  # the last chunk's payload: its id, model and created stamp, for chunks of Sluice's
         self.meter = meter
         self.covered = 0
         self.figures = StreamFigures()
@@ -78,6 +97,7 @@ class Relay:
         figures, buffer = self.figures, self.buffer
         self._pump_task = asyncio.create_task(self._pump())
         self._watchdog.start(asyncio.current_task())
+        running.add(self)
         heartbeat = self.settings.STREAM_HEARTBEAT_INTERVAL
         try:
             if self.events.awaiting_first_token:
@@ -100,6 +120,7 @@ class Relay:
                     figures.paused_seconds += waited
         finally:
             self.yield_started = None
+            running.discard(self)
             self._watchdog.stop()
 
     async def _pump(self):
@@ -125,11 +146,17 @@ class Relay:
                 for event in batch:
                     kind = event.kind
                     if kind == CHUNK:
+                        self.last_chunk = event.data
                         if event.usage:
                             self.reported_usage = event.usage
+                        if event.finished:
+                            self.finished = True
                         tokens = event.tokens
                         if tokens:
                             total = figures.completion_tokens + tokens
+                            if self.max_tokens is not None and total > self.max_tokens:
+                                stop = OVERRUN  # the provider ignored max_tokens: the gateway enforces it
+                                break
                             if total > self.covered:
                                 try:
                                     self.covered = await self.meter(total)
@@ -169,12 +196,22 @@ class Relay:
                         # One loop turn, for the response to write the first token before this task reads on: a
                         # provider that is ahead would otherwise keep it relaying the rest of its answer first.
                         await asyncio.sleep(0)
+                if stop is OVERRUN:
+                    self.outcome = "completed"
+                    self.buffer.end(self._chunk_of_ours({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+                                    + self._ending())
+                    return
                 if stop is not None:
                     raise stop
                 if self.draining:
-                    self.buffer.end(DONE_EVENT)
+                    self.buffer.end(self._ending())
             if not self.draining:
-                raise UpstreamError(502, "upstream_error", "The upstream provider ended the answer early.")
+                if not self.finished:
+                    raise UpstreamError(502, "upstream_error", "The upstream provider ended the answer early.")
+                # The answer was complete (a finish_reason came) but the body ended without [DONE] (some servers,
+                # or a proxy that drops it): the client gets its end as usual.
+                self.outcome = self.outcome or "completed"
+                self.buffer.end(self._ending())
         except MAPPED as error:
             if isinstance(error, UpstreamError) and self.draining:  # the answer was complete; only its tail failed
                 return
@@ -189,18 +226,45 @@ class Relay:
         if not self.buffer.ended:
             self.buffer.end(final)
 
+    def _ending(self) -> bytes:
+        """The stream's last events: a usage chunk of Sluice's own count if the client asked for usage and the
+        provider sent none (the ledger then says the count is Sluice's), and [DONE]."""
+        if self.include_usage and not self.reported_usage:
+            completion = self.figures.completion_tokens
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                     "total_tokens": self.prompt_tokens + completion}
+            return self._chunk_of_ours({"choices": [], "usage": usage}) + DONE_EVENT
+        return DONE_EVENT
+
+    def _chunk_of_ours(self, fields) -> bytes:
+        """A chunk Sluice writes into the stream, with the provider's id, model and created stamp."""
+        try:
+            last = json.loads(self.last_chunk) if self.last_chunk else {}
+        except ValueError:
+            last = {}
+        chunk = {"id": last.get("id", self.request_id), "object": "chat.completion.chunk",
+                 "created": last.get("created", int(time.time())), "model": last.get("model", ""), **fields}
+        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
     def _ended_by(self, error) -> bytes:
         """Record what ended the stream and return the error event that tells the client."""
         api = api_error(error)
         # A refusal (the quota ran out, the account was suspended) is the client's; a failure (provider, counter
         # store, gateway) is not.
-        refused = isinstance(error, QuotaRefusal) and not isinstance(error, CounterStoreDown)
-        self.outcome = "quota_exhausted" if refused else "upstream_error"
+        if isinstance(error, CounterStoreDown):
+            self.outcome = "store_unavailable"
+        elif isinstance(error, QuotaRefusal):
+            self.outcome = "quota_exhausted"
+        else:
+            self.outcome = "upstream_error"
         self.reason = api.code or ""
         return api.sse_event()
 
     async def end_early(self, outcome, error: ApiError):
-        """Stop the provider and end the client's stream with `error` as its last event (the watchdog's timers)."""
+        """Stop the provider and end the client's stream with `error` as its last event (the watchdog's timers, the
+        server's drain). A stream whose end is already buffered is left to finish."""
+        if self.buffer.ended:
+            return
         self.outcome, self.reason = outcome, error.code
         self._pump_task.cancel()
         await self.events.aclose()

@@ -27,6 +27,9 @@ SERVERS = {
 
 
 METRICS_TOKEN = "tests-metrics-token"
+# The simulated upstream's switches are off without it (config/asgi.py); Gateway.control/reset/stats send it.
+SIMULATOR_CONTROL_TOKEN = "tests-simulator-control-token"
+SIMULATOR_AUTH = {"Authorization": f"Bearer {SIMULATOR_CONTROL_TOKEN}"}
 RUNNING = []  # the gateways running now (make_user waits for them to settle their requests)
 
 
@@ -53,6 +56,7 @@ def server_env(**overrides):
         "UPSTREAM_BREAKER_THRESHOLD": "0",
         "UPSTREAM_RETRY_DEADLINE": "2",
         "METRICS_TOKEN": METRICS_TOKEN,
+        "SIMULATOR_CONTROL_TOKEN": SIMULATOR_CONTROL_TOKEN,
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return env
@@ -69,15 +73,15 @@ class Gateway:
         self.http = httpx2.Client(timeout=10)
 
     def control(self, **switches):
-        response = self.http.post(self.sim_url + "/control", json=switches)
+        response = self.http.post(self.sim_url + "/control", json=switches, headers=SIMULATOR_AUTH)
         response.raise_for_status()
         return response.json()
 
     def reset(self):
-        self.http.post(self.sim_url + "/control/reset").raise_for_status()
+        self.http.post(self.sim_url + "/control/reset", headers=SIMULATOR_AUTH).raise_for_status()
 
     def stats(self):
-        return self.http.get(self.sim_url + "/stats").json()
+        return self.http.get(self.sim_url + "/stats", headers=SIMULATOR_AUTH).json()
 
     def unsettled(self):
         """Completions this gateway admitted and has not settled yet (ledger row and counters)."""

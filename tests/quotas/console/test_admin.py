@@ -79,12 +79,14 @@ def form_data(response, **changes):
 
 
 def row(user, tokens, when=None, status=Usage.Status.COMPLETED, limits=None, **fields):
-    """A ledger row of `tokens` completion tokens, in the windows the user's timezone gives `when`."""
+    """A ledger row of `tokens` completion tokens (charged, once settled), in the windows the user's timezone gives
+    `when`."""
     when = when or timezone.now()
     day, month = calendar_windows(limits or Limits.combine(user.quota.plan, user.quota), when)
+    charged = 0 if status == Usage.Status.STREAMING else tokens
     return Usage.objects.create(request_id=f"req_{Usage.objects.count()}_{user.pk}_{when.timestamp()}", user=user,
                                 model="sim-small", status=status, started_at=when, completion_tokens=tokens,
-                                day=day.start.date(), month=month.key, **fields)
+                                charged_tokens=charged, day=day.start.date(), month=month.key, **fields)
 
 
 def act(client, model, action, objects, **extra):
@@ -112,11 +114,11 @@ def test_plan_changelist_counts_users_and_searches(admin_client, make_user):
 
 def test_plan_add_and_change_are_audited(admin_client, operator):
     add = admin_client.get(reverse("admin:quotas_plan_add"))
-    admin_client.post(reverse("admin:quotas_plan_add"), form_data(add, name="team", allowed_models="[]"))
+    admin_client.post(reverse("admin:quotas_plan_add"), form_data(add, name="team"))  # no model ticked: every one
     plan = Plan.objects.get(name="team")
     url = reverse("admin:quotas_plan_change", args=[plan.pk])
     response = admin_client.post(url, form_data(admin_client.get(url), tokens_per_day="5000",
-                                                allowed_models='["sim-small"]'))
+                                                allowed_models=["sim-small"]))
     assert response.status_code == 302
     plan.refresh_from_db()
     assert (plan.tokens_per_day, plan.allowed_models) == (5000, ["sim-small"])
@@ -364,7 +366,8 @@ def test_ledger_changelist_queries_stay_bounded_at_scale(admin_client, django_us
     day, month = now.date(), now.strftime("%Y-%m")
     Usage.objects.bulk_create(
         (Usage(request_id=f"bulk-{i}", user=users[i % 20], model="sim-small", status=Usage.Status.COMPLETED,
-               started_at=now - timedelta(seconds=i), completion_tokens=i % 97, day=day, month=month)
+               started_at=now - timedelta(seconds=i), completion_tokens=i % 97, charged_tokens=i % 97, day=day,
+               month=month)
          for i in range(20_000)), batch_size=2000)
     url = reverse("admin:quotas_usage_changelist")
     now_parts = {"started_at__year": now.year, "started_at__month": now.month}

@@ -14,7 +14,8 @@ from quotas.models import DailyUsage, Plan, Usage, UserQuota
 def ledger(user, when, day, month, tokens=0, status=Usage.Status.COMPLETED, reason="", counted=True):
     return Usage.objects.create(request_id=f"req-{Usage.objects.count()}", user=user, model="sim-small",
                                 status=status, reason=reason, started_at=when, completion_tokens=tokens,
-                                counted=counted, day=day, month=month)
+                                charged_tokens=0 if status == Usage.Status.STREAMING else tokens, counted=counted,
+                                day=day, month=month)
 
 
 def test_bar_chart_scales_the_busiest_day_to_the_plot_and_fills_empty_days():

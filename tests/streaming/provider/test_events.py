@@ -11,12 +11,16 @@ ROLE = b'{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}
     (ROLE, CHUNK, 0, False),  # a role-only prelude: the answer has not begun
     (b'{"choices": [{"index": 0, "delta": {"content": " the"}}]}', CHUNK, 1, True),
     (b'{"choices": [{"index": 0, "delta": {"content": " three more words"}}]}', CHUNK, 3, True),
-    # vLLM < 0.17 (and DeepSeek) stream reasoning as reasoning_content; a refusal is text too.
+    # Reasoning under both names (vLLM >= 0.17 and OpenRouter: reasoning; earlier vLLM, DeepSeek: reasoning_content)
+    # and refusals are metered like the answer.
+    (b'{"choices": [{"index": 0, "delta": {"reasoning": "let me think"}}]}', CHUNK, 3, True),
     (b'{"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}', CHUNK, 1, True),
     (b'{"choices": [{"index": 0, "delta": {"refusal": "I cannot"}}]}', CHUNK, 2, True),
-    # Tool-call deltas count one each (Ollama sends every call with index 0).
+    # Tool-call deltas count their name and argument text, at least one each (Ollama sends every call with index 0).
     (b'{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]}', CHUNK, 1, True),
-    (b'{"choices": [{"index": 0, "delta": {"function_call": {"name": "f"}}}]}', CHUNK, 0, True),
+    (b'{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "get_weather", '
+     b'"arguments": "{\\"city\\": \\"Paris\\", \\"unit\\": \\"celsius\\"}"}}]}}]}', CHUNK, 5, True),
+    (b'{"choices": [{"index": 0, "delta": {"function_call": {"name": "f"}}}]}', CHUNK, 1, True),
     (b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}', CHUNK, 0, True),
     (b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0}}', CHUNK, 0, True),
     (b'{"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}', ERROR, 0, True),

@@ -110,7 +110,7 @@ async def test_every_token_is_metered_before_it_is_sent_and_the_stream_completes
 
 
 async def test_a_refused_meter_cuts_the_stream_with_the_window_that_ran_out(provider, simulator):
-    simulator(tokens_per_second=0, default_tokens=500)
+    simulator(tokens_per_second=200, default_tokens=500)  # still answering when the quota runs out
     relay = await open_relay(provider, "req_relay_cut", max_tokens=500, meter=Meter(25, block=10))
     body = b"".join([part async for part in relay.parts()])
     ending = await relay.close()
@@ -172,3 +172,23 @@ async def test_a_provider_silent_mid_answer_ends_with_a_timeout_event(provider, 
 
 async def _collect(relay):
     return [part async for part in relay.parts()]
+
+
+async def test_reasoning_is_metered_as_it_streams(dialects):
+    # vLLM >= 0.17 streams its thinking as delta.reasoning before the answer: it is billed, so it is metered (and
+    # it is the stream's first token, for the first-token timeout).
+    meter = Meter(10_000, block=4)
+    url = dialects.base_url + "/v1"
+    body = {"model": "reasoning", "messages": [{"role": "user", "content": "go"}], "max_tokens": 20, "stream": True}
+    events = await retries.open_stream(url, body, "req_relay_reasoning", fair_key=1)
+
+    async def nothing():
+        return None
+
+    relay = Relay(events, request_id="req_relay_reasoning", include_usage=False, meter=meter, heartbeat=nothing,
+                  on_stall=nothing, started=asyncio.get_running_loop().time(), settings=relay_settings())
+    body = b"".join([part async for part in relay.parts()])
+    ending = await relay.close()
+    assert body.count(b'"reasoning": " think"') == 10 and body.count(b'"content": " tok"') == 10
+    assert ending.figures.completion_tokens == 20
+    assert meter.calls[0] <= 10  # the meter was asked during the thinking, before any answer text

@@ -1,0 +1,78 @@
+"""Requests whose serving process died (SIGKILL, a lost machine): settled by a live process.
+
+A running request's ledger row carries a heartbeat and its progress (the completion tokens it has sent), written
+as it leases more tokens and at each renewal of its lease (every QUOTA_SLOT_TTL / 3). A row silent for longer than
+QUOTA_SLOT_TTL belongs to a process that stopped: any live process claims it (one wins, ledger.claim_abandoned),
+settles it as `worker_lost` charging its prompt and its last recorded progress, and charges the user's windows in
+the counter store, where the dead process's lease has expired meanwhile. Each process looks every
+QUOTA_SLOT_TTL / 3 while it serves requests, so a dead process's rows are settled within about 4/3 × QUOTA_SLOT_TTL
+of its last heartbeat, and at most one lease block of delivered tokens goes unbilled per stream (docs/quotas.md).
+"""
+
+import asyncio
+import logging
+import time
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from ..store import StoreUnavailable, WindowSpec, get_store
+from . import ledger
+from .admission import user_key
+
+logger = logging.getLogger("quotas")
+
+
+async def settle_abandoned() -> int:
+    """Settle every row whose process went silent; returns how many this process settled."""
+    silent_since = timezone.now() - timedelta(seconds=settings.QUOTA_SLOT_TTL)
+    rows = await ledger.claim_abandoned(silent_since)
+    for row in rows:
+        logger.warning("settled %s of a lost process: %d tokens charged", row.request_id, row.charged_tokens)
+        await _charge_windows(row)
+    return len(rows)
+
+
+async def _charge_windows(row):
+    """Add the row's charge to its day and month windows (as a lease of nothing, then settled: the store's two
+    atomic operations). A window whose record is missing is rebuilt from the ledger, which now counts the row."""
+    store, now = get_store(), time.time()
+    for scope, key in (("day", row.day.isoformat()), ("month", row.month)):
+        spec = WindowSpec(user_key(row.user_id, f"{scope[0]}:{key}"), 0, 0.0)
+        try:
+            result = await store.lease([spec], row.request_id, 0, 0, now, settings.QUOTA_SLOT_TTL)
+            if not result.missing:
+                await store.settle([spec], row.request_id, row.charged_tokens)
+        except StoreUnavailable:
+            # The ledger row is settled; a window rebuilt from it later counts it. One that survives the outage
+            # undercounts this row: logged for the operator.
+            logger.error("could not charge %s's windows for %s: the counter store is down", row.user_id,
+                         row.request_id)
+
+
+class Reaper:
+    """This process's periodic look for rows of lost processes, while it serves requests."""
+
+    def __init__(self):
+        self.task = None
+        self.last_request = 0.0
+
+    def ensure_running(self):
+        """Called on each admission: start (or keep) the loop in the running event loop. Cheap."""
+        self.last_request = time.monotonic()
+        if self.task is None or self.task.done() or self.task.get_loop() is not asyncio.get_running_loop():
+            self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def run(self):
+        interval = settings.QUOTA_SLOT_TTL / 3
+        # Stop after a quiet while (a process that serves nothing need not look); the next request restarts it.
+        while time.monotonic() - self.last_request < 10 * settings.QUOTA_SLOT_TTL:
+            try:
+                await settle_abandoned()
+            except Exception:  # the database is down: try again next time
+                logger.warning("could not look for rows of lost processes", exc_info=True)
+            await asyncio.sleep(interval)
+
+
+reaper = Reaper()
