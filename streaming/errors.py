@@ -76,7 +76,7 @@ def api_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, UpstreamError):
         return ApiError(exc.message, status=exc.status, type="server_error" if exc.status >= 500 else "upstream_error",
-                        code=exc.code, retry_after_seconds=exc.retry_after_seconds)
+                        code=exc.code, param=exc.param, retry_after_seconds=exc.retry_after_seconds)
     if isinstance(exc, quota.QuotaExceeded):
         return ApiError(f"You exceeded your {'daily' if exc.scope == 'day' else 'monthly'} token quota. "
                         f"It resets at {exc.resets_at.isoformat()}.", status=429, type="insufficient_quota",

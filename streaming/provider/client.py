@@ -8,6 +8,7 @@ reach the client as the provider wrote them, without a parse-and-reserialise rou
 
 import asyncio
 import email.utils
+import re
 import socket
 import time
 import weakref
@@ -116,8 +117,35 @@ def _retry_after(headers) -> float | None:
         return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
+# What a provider's message may carry that must not reach a client: URLs (its address, an organisation's) and keys.
+_SECRETS = re.compile(r"(?i)\b(?:https?|wss?)://\S+|\b(?:sk|pk|rk|key|org|proj)-[A-Za-z0-9_\-*.]{6,}|\bBearer\s+\S+")
+MAX_PROVIDER_MESSAGE = 500
+
+
+def scrub(text: str) -> str:
+    """A provider's message with URLs, keys and bearer tokens replaced, and its length bounded."""
+    return _SECRETS.sub("[redacted]", text)[:MAX_PROVIDER_MESSAGE]
+
+
+def _rejected(status, body) -> UpstreamError:
+    """A provider's own client error (a field it does not accept, a value out of its range): the client sees the
+    provider's message and `param`, scrubbed, with a 4xx, as if it had called the provider itself."""
+    message = param = None
+    if isinstance(body, dict):
+        message, param = body.get("message"), body.get("param")
+    elif isinstance(body, str):
+        message = body
+    text = f"The upstream provider rejected the request (HTTP {status})"
+    if isinstance(message, str) and message.strip():
+        text += ": " + scrub(message.strip())
+    return UpstreamError(status if 400 <= status < 500 else 400, "upstream_rejected",
+                         text if text.endswith(".") else text + ".",
+                         param=scrub(param) if isinstance(param, str) else None)
+
+
 def _translate(exc: Exception) -> UpstreamError:
-    # Messages are ours: a provider's text may name its URL, organisation or key prefix.
+    # Messages are ours, except a provider's own client error (below), whose message is scrubbed: a provider's text
+    # may name its URL, organisation or key prefix.
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         code = (exc.body or {}).get("code") if isinstance(exc.body, dict) else None
@@ -134,7 +162,7 @@ def _translate(exc: Exception) -> UpstreamError:
             return UpstreamError(502, "upstream_auth", "The gateway's upstream credentials were refused.")
         if status == 404:
             return UpstreamError(404, "model_not_found", "The upstream provider does not serve this model.")
-        return UpstreamError(400, "upstream_rejected", f"The upstream provider rejected the request (HTTP {status}).")
+        return _rejected(status, exc.body)
     if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
         return UpstreamError(504, "upstream_timeout", "The upstream provider did not answer in time.", retryable=True)
     if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError, OSError)):

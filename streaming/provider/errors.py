@@ -12,6 +12,7 @@ class UpstreamError(Exception):
     message: str
     retry_after_seconds: float | None = None
     retryable: bool = False
+    param: str | None = None  # the request field a provider's refusal names
 
     def __str__(self):
         return self.message
