@@ -43,26 +43,33 @@ def record_progress(row_id, completion_tokens: int):
 
 @database
 def claim_abandoned(silent_since, limit=200) -> list[Usage]:
-    """Settle the rows of requests whose process went silent before `silent_since` (killed, lost its machine): each
-    becomes `worker_lost`, charged its prompt and the completion tokens of its last progress record, with its
-    roll-up. Every process may call this; a row is claimed by exactly one (a conditional update)."""
+    """Claim the rows of requests whose process went silent before `silent_since` (killed, lost its machine): each
+    becomes `worker_lost`, with its roll-up, owing its prompt and the completion tokens of its last progress record
+    (`row.owed_tokens`). Its `charged_tokens` stay 0 until the windows are charged (`set_charged`): a window rebuilt
+    meanwhile does not count it twice. Every process may call this; a row is claimed by exactly one (a conditional
+    update)."""
     stale = (Q(heartbeat_at__lt=silent_since) | Q(heartbeat_at__isnull=True, started_at__lt=silent_since))
     claimed = []
     now = timezone.now()
     for row in Usage.objects.filter(stale, status=Usage.Status.STREAMING).order_by("started_at")[:limit]:
-        charged = row.prompt_tokens + row.completion_tokens
         with transaction.atomic():
             won = Usage.objects.filter(pk=row.pk, status=Usage.Status.STREAMING,
                                        heartbeat_at=row.heartbeat_at).update(
                 status=Usage.Status.WORKER_LOST, reason="worker_lost", ended_at=now, reserved_tokens=0,
-                charged_tokens=charged,
-                duration_ms=int((now - row.started_at).total_seconds() * 1000))
+                charged_tokens=0, duration_ms=int((now - row.started_at).total_seconds() * 1000))
             if not won:
                 continue
-            row.status, row.charged_tokens = Usage.Status.WORKER_LOST, charged
+            row.status, row.charged_tokens = Usage.Status.WORKER_LOST, 0
+            row.owed_tokens = row.prompt_tokens + row.completion_tokens
             _roll_up(row)
         claimed.append(row)
     return claimed
+
+
+@database
+def set_charged(row_id, charged_tokens: int):
+    """What a claimed row's windows were charged (recovery.settle_abandoned)."""
+    Usage.objects.filter(pk=row_id).update(charged_tokens=charged_tokens)
 
 
 @database

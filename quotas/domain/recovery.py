@@ -17,9 +17,10 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from ..store import StoreUnavailable, WindowSpec, get_store
 from . import ledger
-from .admission import user_key
+from .exceptions import CounterStoreDown
+from .leases import TokenLease
+from .selectors import limits_of
 
 logger = logging.getLogger("quotas")
 
@@ -29,26 +30,28 @@ async def settle_abandoned() -> int:
     silent_since = timezone.now() - timedelta(seconds=settings.QUOTA_SLOT_TTL)
     rows = await ledger.claim_abandoned(silent_since)
     for row in rows:
-        logger.warning("settled %s of a lost process: %d tokens charged", row.request_id, row.charged_tokens)
-        await _charge_windows(row)
+        charged = await _charge_windows(row)
+        await ledger.set_charged(row.pk, charged)
+        logger.warning("settled %s of a lost process: %d of %d tokens charged", row.request_id, charged,
+                       row.owed_tokens)
     return len(rows)
 
 
-async def _charge_windows(row):
-    """Add the row's charge to its day and month windows (as a lease of nothing, then settled: the store's two
-    atomic operations). A window whose record is missing is rebuilt from the ledger, which now counts the row."""
-    store, now = get_store(), time.time()
-    for scope, key in (("day", row.day.isoformat()), ("month", row.month)):
-        spec = WindowSpec(user_key(row.user_id, f"{scope[0]}:{key}"), 0, 0.0)
-        try:
-            result = await store.lease([spec], row.request_id, 0, 0, now, settings.QUOTA_SLOT_TTL)
-            if not result.missing:
-                await store.settle([spec], row.request_id, row.charged_tokens)
-        except StoreUnavailable:
-            # The ledger row is settled; a window rebuilt from it later counts it. One that survives the outage
-            # undercounts this row: logged for the operator.
-            logger.error("could not charge %s's windows for %s: the counter store is down", row.user_id,
-                         row.request_id)
+async def _charge_windows(row) -> int:
+    """Charge the row's day and month windows what it owes, as far as they still allow: the dead process's lease
+    expired before its row was claimed, and other requests may have leased that room meanwhile — a window is never
+    taken past its limit, even then (what is not charged stays in the ledger's token counts). A lease of the owed
+    tokens under the user's limits, then settled: the store's two atomic operations; a missing window is rebuilt
+    from the ledger first, where the claimed row counts nothing yet."""
+    lease = TokenLease(row.user_id, await limits_of(row.user_id), row.request_id, row.started_at)
+    try:
+        granted = await lease.top_up(row.owed_tokens)
+    except CounterStoreDown:
+        # Not charged, never over: the ledger keeps what it owed (its token counts), the windows do not count it.
+        logger.error("could not charge %s's windows for %s: the counter store is down", row.user_id, row.request_id)
+        return 0
+    await lease.settle(granted)
+    return granted
 
 
 class Reaper:
