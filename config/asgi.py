@@ -63,8 +63,7 @@ def _origin_form(scope):
     return dict(scope, path=target.path or "/", raw_path=raw_path)
 
 
-async def http_application(scope, receive, send):
-    scope = _origin_form(scope)
+async def _route(scope, receive, send):
     path = scope["path"]
     # The probes too: no session, CSRF or host checks, no per-request thread (a load balancer probes by address).
     if path.startswith("/v1/") or path in PROBE_PATHS:
@@ -73,6 +72,16 @@ async def http_application(scope, receive, send):
         scope = dict(scope, root_path=scope.get("root_path", "") + provider.SIMULATOR_PREFIX)
         return await simulator_application(scope, receive, send)
     return await django_application(scope, receive, send)
+
+
+from streaming.gateway.intake import Intake  # noqa: E402
+
+# The request id, the API key and the body's size are settled before the body is read (streaming/gateway/intake.py).
+_intake = Intake(_route)
+
+
+async def http_application(scope, receive, send):
+    return await _intake(_origin_form(scope), receive, send)
 
 
 from streaming.gateway.live_panel import websocket_application  # noqa: E402

@@ -159,7 +159,13 @@ SLUICE_MODELS = [
 ]
 # Largest request body accepted under /v1/ (bytes).
 SLUICE_MAX_BODY_BYTES = env_int("SLUICE_MAX_BODY_BYTES", 1_000_000)
+# The most any request body may be (Django's own setting). The Daphne server refuses a larger body with 413 before
+# reading it (streaming/server/intake.py); under /v1/ and /api/, config/asgi.py's intake refuses past
+# SLUICE_MAX_BODY_BYTES as the body arrives, under either server.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(SLUICE_MAX_BODY_BYTES, 2_621_440)
+# Paths whose requests need `Authorization: Bearer`: the Daphne server answers 401 to one with a body but no such
+# header before reading the body (streaming/server/intake.py).
+SERVER_KEYED_PATH_PREFIXES = ("/v1/",)
 
 # Streaming and backpressure (docs/backpressure.md).
 STREAM_BUFFER_BYTES = env_int("STREAM_BUFFER_BYTES", 32 * 1024)

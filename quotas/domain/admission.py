@@ -38,6 +38,21 @@ async def hit_rate(user_id, limits: Limits, now: float):
     return result
 
 
+async def refund_rate(user_id, rate) -> bool:
+    """Give back the request `hit_rate` counted (its result `rate`): the request was refused for another limit
+    (concurrency, tokens, model) and never reached a provider, so it does not spend the per-minute budget
+    (docs/quotas.md). False when there was nothing to give back or the store could not be reached."""
+    member = getattr(rate, "member", None)
+    if member is None:
+        return False
+    try:
+        await get_store().unhit(user_key(user_id, "rpm"), member)
+    except StoreUnavailable:
+        logger.warning("could not give back a refused request's rate hit; it leaves the window in a minute")
+        return False
+    return True
+
+
 async def peek_rate(user_id, limits: Limits, now: float):
     """The request window as it stands, or None if the store cannot say (headers only)."""
     try:

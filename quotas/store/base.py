@@ -18,6 +18,7 @@ class RateResult:
     allowed: bool
     remaining: int
     reset_seconds: float  # until the oldest counted request leaves the window
+    member: str | None = None  # the counted request's entry, for `unhit` (None: nothing was counted)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class CounterStore:
 
     async def peek_rate(self, key: str, limit: int, window_seconds: float, now: float) -> RateResult:
         """What `hit` would report, without counting anything."""
+        raise NotImplementedError
+
+    async def unhit(self, key: str, member: str) -> None:
+        """Take back one request `hit` counted (its result's `member`): a request refused afterwards for another
+        limit does not spend the rate. Taking back one that has left the window, or twice, does nothing."""
         raise NotImplementedError
 
     async def acquire_slot(self, key: str, holder: str, limit: int, ttl: float, now: float) -> SlotResult:

@@ -40,10 +40,19 @@ class MemoryStore(CounterStore):
         stamps = self._rates.setdefault(key, [])
         del stamps[: bisect.bisect_right(stamps, now - window_seconds)]
         allowed = len(stamps) < limit
+        member = None
         if allowed and count:
-            stamps.append(now)
+            bisect.insort(stamps, now)
+            member = repr(now)
         reset = (stamps[0] + window_seconds - now) if stamps else 0.0
-        return RateResult(allowed, max(0, limit - len(stamps)), max(0.0, reset))
+        return RateResult(allowed, max(0, limit - len(stamps)), max(0.0, reset), member)
+
+    async def unhit(self, key, member):
+        with self._lock:
+            stamps = self._rates.get(key, [])
+            index = bisect.bisect_left(stamps, float(member))
+            if index < len(stamps) and stamps[index] == float(member):
+                del stamps[index]
 
     async def acquire_slot(self, key, holder, limit, ttl, now):
         with self._lock:

@@ -227,7 +227,14 @@ class RedisStore(CounterStore):
         member = f"{now}:{id(self)}:{self._member}"
         allowed, remaining, reset = await self._call(
             self._rate, [key], [limit, window_seconds, repr(now), member, "1" if count else "0"])
-        return RateResult(bool(allowed), max(0, int(remaining)), max(0.0, float(reset)))
+        return RateResult(bool(allowed), max(0, int(remaining)), max(0.0, float(reset)),
+                          member if count and allowed else None)
+
+    async def unhit(self, key, member):
+        try:
+            await self.client.zrem(key, member)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
 
     async def acquire_slot(self, key, holder, limit, ttl, now):
         acquired, active = await self._call(self._slot, [key], [holder, limit, ttl, repr(now)])

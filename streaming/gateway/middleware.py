@@ -6,7 +6,6 @@ streaming/streams/completion.py); every metered response carries OpenAI's `x-rat
 """
 
 import time
-import uuid
 from dataclasses import dataclass
 
 from asgiref.sync import markcoroutinefunction
@@ -18,6 +17,7 @@ from quotas.domain.leases import quota_status
 from quotas.domain.policy import Limits
 from quotas.domain.selectors import limits_of
 from streaming.errors import api_error, duration
+from streaming.gateway.intake import KEY_HOLDER, REQUEST_ID, new_request_id
 from streaming.telemetry import metrics
 
 API_PREFIX = "/v1/"
@@ -54,7 +54,9 @@ class ThrottleMiddleware:
         api = path.startswith(API_PREFIX)
         if not api and not path.startswith(DEMO_PREFIX):
             return await self.get_response(request)
-        request_id = f"req_{uuid.uuid4().hex}"
+        # Made by the intake (config/asgi.py), which may have answered already with it; a fresh one otherwise.
+        scope = getattr(request, "scope", {})  # an ASGI request's (Django's test client makes WSGI ones)
+        request_id = scope.get(REQUEST_ID) or new_request_id()
         if not api and request.method not in SAFE_METHODS:
             # process_view with no view: the demo's endpoints are never csrf_exempt. Cookie-based tokens
             # (CSRF_USE_SESSIONS is off), so no query; a pass marks the request checked for Django's own.
@@ -83,8 +85,10 @@ class ThrottleMiddleware:
     async def _identify(self, request, api: bool, request_id: str):
         """The caller (an API key's user, or the session's), with their limits; None when not signed in."""
         if api:
-            scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
-            holder = await keys.authenticate(raw.strip() if scheme.lower() == "bearer" else "")
+            holder = getattr(request, "scope", {}).get(KEY_HOLDER)  # authenticated before the body was read
+            if holder is None:
+                scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
+                holder = await keys.authenticate(raw.strip() if scheme.lower() == "bearer" else "")
             user_id, key_id, username, limits = holder.user_id, holder.key_id, holder.username, holder.limits
         else:
             user = await request.auser()

@@ -19,11 +19,12 @@ import warnings
 from http import HTTPStatus
 
 import daphne
-from daphne.http_protocol import WebRequest
+from daphne.http_protocol import HTTPFactory, WebRequest
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from streaming.server.intake import BoundedHTTPFactory
 from streaming.server.shutdown import DrainingServer
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,16 @@ class BackpressureServer(DrainingServer, Server):
         self._gates = {}  # WebRequest -> its ResponseGate, until Daphne reports the request disconnected
         self._channel_gates = {}  # HTTPChannel -> the one ResponseGate registered on it
         self._written_through = set()  # requests whose last body chunk was written at once, this loop turn
+
+    @property
+    def http_factory(self):
+        return self.__dict__.get("_http_factory")
+
+    @http_factory.setter
+    def http_factory(self, factory):
+        # Daphne's run() builds its own HTTPFactory (daphne.server's module name, no hook to pass a class): serve with
+        # BoundedHTTPFactory instead, whose requests refuse an oversized or unauthenticated body unread (intake.py).
+        self.__dict__["_http_factory"] = BoundedHTTPFactory(self) if type(factory) is HTTPFactory else factory
 
     def protocol_connected(self, protocol):
         super().protocol_connected(protocol)

@@ -110,6 +110,10 @@ class Completion:
         except QuotaRefusal as refusal:
             metrics.REFUSALS.labels(refusal.code).inc()
             await self._settle("rejected", reason=refusal.code, charge_prompt=False)
+            # Refused before any provider was asked: the request does not spend the rate (docs/api.md), and the
+            # response's x-ratelimit-remaining-requests says so (the middleware reads the window afresh).
+            if await admission.refund_rate(caller.user_id, caller.rate):
+                caller.rate = None
             raise
         except BaseException:
             await self._settle("client_disconnected", charge_prompt=False)

@@ -136,6 +136,22 @@ def eventually(check, timeout=5.0, interval=0.02):
         time.sleep(interval)
 
 
+def plateau(read, settle_seconds=0.5, timeout=30):
+    """Poll `read()` until two readings `settle_seconds` apart agree; return the value (a buffer that stopped
+    growing, a provider that stopped writing)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(settle_seconds)  # the interval between two samples, not a synchronisation
+        value = read()
+        if value == last:
+            return value
+        last = value
+    raise AssertionError(f"still growing after {timeout} s: {last}")
+
+
 def settled_row(request_id, timeout=5.0):
     """The ledger row of `request_id` once its stream has settled."""
     from quotas.models import Usage

@@ -124,6 +124,32 @@ def test_slots_are_released_on_disconnect(sim, make_user):
     assert admitted.status_code == 200
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_concurrency_refusal_does_not_spend_the_request_rate(request, store, make_user):
+    # Issue 15, finding 8: an SDK retrying concurrency refusals (as Retry-After says) turned them into rate refusals,
+    # each refused attempt having counted against the per-minute limit. A request refused at admission (concurrency,
+    # tokens, model) reaches no provider and is given back.
+    from tests.support.gateways import open_stream
+
+    env = {"REDIS_URL": request.getfixturevalue("redis_url")} if store == "redis" else {}
+    caller = make_user(concurrent_streams=1, requests_per_minute=4)
+    headers = {"Authorization": f"Bearer {caller.key}"}
+    body = {"model": "sim-small", "messages": MESSAGES, "max_tokens": 1}
+    with gateway_server(**env) as gateway:
+        gateway.control(tokens_per_second=20, default_tokens=1000)
+        sock, request_id, _ = open_stream(gateway, caller.key)  # spends 1 of the 4
+        refusals = [httpx2.post(gateway.api_url + "/chat/completions", headers=headers, json=body) for _ in range(8)]
+        assert [r.json()["error"]["code"] for r in refusals] == ["concurrency_limit_exceeded"] * 8
+        assert {r.headers["x-ratelimit-remaining-requests"] for r in refusals} == {"3"}
+        sock.close()
+        settled_row(request_id)
+        admitted = [httpx2.post(gateway.api_url + "/chat/completions", headers=headers, json=body) for _ in range(3)]
+        assert [r.status_code for r in admitted] == [200] * 3
+        refused = httpx2.post(gateway.api_url + "/chat/completions", headers=headers, json=body)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+
 def test_a_killed_workers_slot_frees_within_the_ttl(redis_url, make_user):
     from tests.support.gateways import open_stream
 

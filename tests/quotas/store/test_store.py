@@ -41,6 +41,31 @@ async def test_rate_counts_up_to_the_limit_then_refuses_without_counting(store):
     assert (await store.peek_rate("test:rpm", 3, 60, 1060.6)).remaining == 0
 
 
+async def test_a_refusals_retry_after_is_the_truth(store):
+    # A client refused for the rate that waits as Retry-After says (rounded up to whole seconds) gets in.
+    import math
+
+    now = 2000.25
+    for i in range(3):
+        assert (await store.hit("test:rpm", 3, 60, now + i * 7.3)).allowed
+    refused = await store.hit("test:rpm", 3, 60, now + 30)
+    assert not refused.allowed and refused.member is None
+    assert not (await store.hit("test:rpm", 3, 60, now + 30 + refused.reset_seconds - 0.01)).allowed
+    assert (await store.hit("test:rpm", 3, 60, now + 30 + math.ceil(refused.reset_seconds))).allowed
+
+
+async def test_unhit_gives_one_counted_request_back(store):
+    now = 3000.0
+    hits = [await store.hit("test:rpm", 2, 60, now + i) for i in range(2)]
+    assert all(h.allowed and h.member for h in hits)
+    assert not (await store.hit("test:rpm", 2, 60, now + 2)).allowed
+    await store.unhit("test:rpm", hits[1].member)
+    await store.unhit("test:rpm", hits[1].member)  # twice: nothing more
+    assert (await store.peek_rate("test:rpm", 2, 60, now + 3)).remaining == 1
+    assert (await store.hit("test:rpm", 2, 60, now + 3)).allowed
+    assert not (await store.hit("test:rpm", 2, 60, now + 4)).allowed
+
+
 async def test_slots_are_limited_idempotent_released_and_expire(store):
     now = 1000.0
     assert (await store.acquire_slot("test:slots", "a", 2, 30, now)).acquired

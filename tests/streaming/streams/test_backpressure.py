@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.support.gateways import eventually, gateway_server, settled_row
+from tests.support.gateways import eventually, gateway_server, plateau, settled_row
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -52,24 +52,11 @@ def request_stream(gateway, key, max_tokens=TOKENS, rcvbuf=4096):
     return sock, request_id, rest
 
 
-def plateau(read, settle_seconds=0.5, timeout=20):
-    """Poll `read()` until two readings `settle_seconds` apart agree; return the value."""
-    deadline = time.monotonic() + timeout
-    last = read()
-    while time.monotonic() < deadline:
-        time.sleep(settle_seconds)  # the interval between two samples, not a synchronisation
-        value = read()
-        if value == last:
-            return value
-        last = value
-    raise AssertionError(f"still growing after {timeout} s: {last}")
-
-
 def test_a_stalled_reader_pauses_the_upstream(upstream, make_user):
     caller = make_user(**BIG)
     sock, request_id, _ = request_stream(upstream, caller.key)
     eventually(lambda: upstream.sim_request(request_id), timeout=5)
-    produced = plateau(lambda: upstream.sim_request(request_id)["tokens_sent"])
+    produced = plateau(lambda: upstream.sim_request(request_id)["tokens_sent"], timeout=20)
     record = upstream.sim_request(request_id)
     # Held back: the provider wrote a small fraction of the stream, and its writes are blocked.
     assert produced < TOKENS / 4, produced

@@ -1,0 +1,143 @@
+"""What the server decides before a request's body is read: its size, and (under keyed paths) that a key is sent.
+
+Twisted reads a whole request body before Daphne starts the application — into memory, or a temporary file past
+100 kB — so without this a 100 MB body was read in full, and spooled to disk, before the application could answer
+401 or 413 (issue 15, finding 5). `BoundedRequest` answers as soon as the headers are in:
+
+- a body declared (Content-Length) larger than the limit: 413 at once, nothing of it read;
+- a chunked body: counted as it arrives, 413 as soon as it passes the limit, nothing kept past it;
+- a request under a keyed path (settings.SERVER_KEYED_PATH_PREFIXES, `/v1/` for Sluice) with a body and no
+  `Authorization: Bearer` credentials: 401 at once. A key that is sent is checked by the application, which
+  receives at most the limit (config/asgi.py's intake checks it before reading the body under Uvicorn).
+
+The limit is Django's DATA_UPLOAD_MAX_MEMORY_SIZE (the most any request body may be; the API's own, smaller
+SLUICE_MAX_BODY_BYTES is the application's), or MAX_BODY_BYTES when the server runs an application without Django
+settings. The refusal is written straight to the socket (the request is not finished through Twisted: the channel
+is still reading its headers), the write side is closed, and what the client still sends is discarded for up to
+LINGER_SECONDS so that it reads the answer instead of a reset.
+
+Server-level errors Daphne writes itself (a header it refuses, a path that is not ASCII) are OpenAI error JSON here
+too, rather than Daphne's HTML page: `json_error`.
+"""
+
+import json
+import uuid
+from http import HTTPStatus
+
+from daphne.http_protocol import HTTPFactory, WebRequest
+from twisted.internet import reactor
+
+MAX_BODY_BYTES = 2_621_440  # Django's default DATA_UPLOAD_MAX_MEMORY_SIZE
+LINGER_SECONDS = 2.0
+
+_MISSING_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+
+
+def _settings():
+    """(max body bytes or None, keyed path prefixes) from Django's settings when the application has them."""
+    from django.conf import settings
+
+    if not settings.configured:
+        return MAX_BODY_BYTES, ()
+    return settings.DATA_UPLOAD_MAX_MEMORY_SIZE, tuple(getattr(settings, "SERVER_KEYED_PATH_PREFIXES", ()))
+
+
+def json_error(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
+    """A whole HTTP/1.1 response carrying an OpenAI error object, closing the connection."""
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    phrase = HTTPStatus(status).phrase
+    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"x-request-id: req_{uuid.uuid4().hex}\r\nConnection: close\r\n\r\n").encode("ascii") + body
+
+
+class BoundedRequest(WebRequest):
+    """Daphne's request, refusing an oversized or unauthenticated body before reading it."""
+
+    _refused = False
+    _received = 0
+    _limit = None
+
+    def gotLength(self, length):
+        limit, keyed_prefixes = _settings()
+        self._limit = limit
+        # The request target, as the channel parsed it from the request line (the Request learns it only once the
+        # body is in: requestReceived). A private attribute of Twisted's HTTPChannel: docs/architecture.md.
+        path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
+        if path.startswith((b"http://", b"https://")):  # absolute form: config/asgi.py routes by its path
+            path = b"/" + path.split(b"/", 3)[-1]
+        has_body = length is None or length > 0
+        if has_body and keyed_prefixes and path.decode("latin-1").startswith(keyed_prefixes) \
+                and not _bearer(self.requestHeaders.getRawHeaders(b"Authorization") or []):
+            return self._refuse(json_error(401, _MISSING_KEY, "invalid_api_key"))
+        if limit is not None and length is not None and length > limit:
+            return self._refuse(_too_large(limit))
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return  # discarded: the answer is sent and the connection is closing
+        self._received += len(data)
+        if self._limit is not None and self._received > self._limit:
+            return self._refuse(_too_large(self._limit))
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self, response: bytes):
+        self._refused = True
+        content = getattr(self, "content", None)
+        if content is not None:
+            content.close()  # what was read of a chunked body: dropped (a temporary file is deleted)
+        self.content = None
+        # No "100 Continue" after the answer (HTTPChannel sends it after gotLength when the client asked).
+        self.requestHeaders.removeHeader(b"Expect")
+        self.channel.persistent = False
+        transport = self.channel.transport
+        transport.write(response)
+        transport.loseWriteConnection()
+        reactor.callLater(LINGER_SECONDS, _abort, transport)
+
+    def basic_error(self, status, status_text, body):
+        # Daphne's own refusals (an invalid header, a non-ASCII path): JSON, not its HTML page.
+        payload = json.dumps({"error": {"message": f"{body}.", "type": "invalid_request_error", "param": None,
+                                        "code": "bad_request"}}).encode()
+        self.handle_reply({"type": "http.response.start", "status": status,
+                           "headers": [(b"Content-Type", b"application/json"),
+                                       (b"x-request-id", f"req_{uuid.uuid4().hex}".encode())]})
+        self.handle_reply({"type": "http.response.body", "body": payload})
+
+
+def _bearer(values) -> bool:
+    return any(v[:7].lower() == b"bearer " and v[7:].strip() for v in values)
+
+
+def _too_large(limit):
+    return json_error(413, f"Request body is larger than {limit} bytes.", "request_too_large")
+
+
+def _abort(transport):
+    if transport.connected:
+        transport.abortConnection()
+
+
+class BoundedHTTPFactory(HTTPFactory):
+    """Daphne's HTTPFactory, building BoundedRequests, whose channels refuse what is not HTTP with JSON."""
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            protocol.requestFactory = BoundedRequest
+            # Twisted answers a request line or header it cannot parse (a path that is not ASCII, a NUL in a header,
+            # a malformed chunk) with a bare "400 Bad Request" and no body, through one method of HTTPChannel; the
+            # channel sits inside the protocol-negotiating wrapper. Both names are private: docs/architecture.md.
+            channel = getattr(protocol, "_channel", None)
+            if channel is not None and hasattr(channel, "_respondToBadRequestAndDisconnect"):
+                channel._respondToBadRequestAndDisconnect = lambda: _not_http(channel)
+        return protocol
+
+
+def _not_http(channel):
+    channel.transport.write(json_error(400, "The request could not be parsed as HTTP/1.1.", "bad_request"))
+    channel.loseConnection()
