@@ -197,6 +197,14 @@ UPSTREAM_QUEUE_POLL_INTERVAL = env_float("UPSTREAM_QUEUE_POLL_INTERVAL", 0.05)
 UPSTREAM_BREAKER_THRESHOLD = env_int("UPSTREAM_BREAKER_THRESHOLD", 5)  # 0: no breaker
 UPSTREAM_BREAKER_COOLDOWN = env_float("UPSTREAM_BREAKER_COOLDOWN", 10.0)
 UPSTREAM_LIMIT_FAIL_OPEN = env_bool("UPSTREAM_LIMIT_FAIL_OPEN", True)
+# Fairness between users (docs/resilience.md, "Fairness"). Fair shares: a user holding its share of the limit
+# yields free permits to other users that want theirs. Preemption: a stream whose client has not read for this many
+# seconds gives its permit up when its user holds more than its share while another user waits (0: never). The
+# shared breaker opens only on failures of at least UPSTREAM_BREAKER_MIN_USERS users (1: any failures count);
+# one user's failures open that user's own breaker.
+UPSTREAM_FAIR_SHARE = env_bool("UPSTREAM_FAIR_SHARE", True)
+UPSTREAM_PREEMPT_AFTER = env_float("UPSTREAM_PREEMPT_AFTER", 5.0)
+UPSTREAM_BREAKER_MIN_USERS = env_int("UPSTREAM_BREAKER_MIN_USERS", 2)
 
 # Quotas (docs/quotas.md).
 QUOTA_LEASE_BLOCK_TOKENS = env_int("QUOTA_LEASE_BLOCK_TOKENS", 32)

@@ -109,35 +109,58 @@ class CounterStore:
         raise NotImplementedError
 
     # The shared upstream limit and circuit breaker (streaming/provider/, docs/resilience.md) -----------------
-    # One record per upstream, holding its adaptive (AIMD) limit, its permits (holder -> expiry, like slots),
-    # and its breaker (consecutive failures, open-until, the half-open probe's holder).
+    # One record per upstream, holding its adaptive (AIMD) limit, its permits (holder -> expiry and user, like
+    # slots), its breaker (the run of failures, open-until, the half-open probe's holder), and per user: when it
+    # last contended (its recent demand, whether it waits), its own breaker, its failures in the current run.
 
-    async def acquire_permit(self, key: str, holder: str, policy: "PermitPolicy", now: float) -> "PermitResult":
-        """Take a permit to call the upstream, unless its breaker is open or floor(limit) permits are held.
+    async def acquire_permit(self, key: str, holder: str, policy: "PermitPolicy", now: float, user: str = "",
+                             waiting: tuple = ()) -> "PermitResult":
+        """Take a permit to call the upstream for `user`, unless a breaker is open or no permit is free to them.
 
-        OPEN while the breaker cools down (retry_after_seconds: until it ends), and while it is half-open and
-        another holder's probe is running; once the cooldown is over the first caller gets the permit as the
-        one probe (`probe=True`). FULL when floor(limit) unexpired permits are held (expired ones are dropped
-        first); `policy.max_limit == 0` means no limit (nothing is counted: `active` is then 1). The limit starts
-        at `policy.max_limit`. Idempotent for one holder (it renews the expiry). Atomic.
+        OPEN (`own=True`) while the user's own breaker cools down (see `release_permit`). OPEN while the shared
+        breaker cools down (retry_after_seconds: until it ends), and while it is half-open and another holder's
+        probe is running; once the cooldown is over the first caller gets the permit as the one probe
+        (`probe=True`). FULL when floor(limit) unexpired permits are held (expired ones are dropped first);
+        `policy.max_limit == 0` means no limit (nothing is counted: `active` is then 1). The limit starts at
+        `policy.max_limit`. Idempotent for one holder (it renews the expiry). Atomic.
+
+        Fair shares (`policy.fair_share`, with a limit): the users *contending* are those holding a permit, and
+        those that were granted, refused or gave back one within `policy.demand_seconds`; each one's share is
+        max(1, floor(floor(limit) / contending)). A user holding its share or more gets a free permit only if more
+        are free than the other contending users lack of their shares — a user that waits lacks its whole share,
+        any other only up to the most it held at once recently (its demand) — else FULL with `over_share=True`.
+        A refused user is marked waiting for `demand_seconds`, and so is every user in `waiting` (those queued in
+        the caller's process); a user granted a permit is no longer marked waiting.
         """
         raise NotImplementedError
 
     async def release_permit(self, key: str, holder: str, outcome: str, limit_seen: float, policy: "PermitPolicy",
-                             now: float, keep: bool = False) -> float:
-        """Give the permit back (unless `keep`) and record the attempt's outcome; returns the new limit.
+                             now: float, keep: bool = False, user: str = "") -> float:
+        """Give the permit back (unless `keep`) and record the attempt's outcome for `user`; returns the new limit.
 
         OK: limit += increase / limit, up to max_limit. THROTTLED (the upstream said 429): the limit becomes
         min(limit, limit_seen × decrease_factor), at least min_limit — so the 429s of requests admitted under
-        one limit cut it once, not once each. Breaker, while closed: OK and THROTTLED reset the consecutive
-        failures, FAILED counts one and opens the breaker for the cooldown at `breaker_threshold`; while open
-        or half-open only the probe's outcome counts: OK or THROTTLED close it, FAILED reopens it, NONE lets
-        another request probe. NONE changes nothing else. Atomic; releasing a permit not held is harmless.
+        one limit cut it once, not once each. Shared breaker, while closed: OK and THROTTLED reset the run of
+        failures, FAILED counts one — but no more than ceil(breaker_threshold / breaker_min_users) of one run's
+        failures count per user, so that one user's failures alone cannot open it — and the breaker opens for the
+        cooldown at `breaker_threshold` counted; while open or half-open only the probe's outcome counts: OK or
+        THROTTLED close it (and the probe's user's own breaker), FAILED reopens it, NONE lets another request
+        probe. The user's own breaker, when one user's failures cannot open the shared one (fewer count than the
+        threshold) and while the shared one is closed: `breaker_threshold` FAILED of this user in a row (none of
+        its OK or THROTTLED in between) open it for the cooldown, for this user only; after it, one more FAILED
+        reopens it, an OK or THROTTLED closes it. NONE changes nothing else. With fair shares the user counts as contending for
+        `demand_seconds` more. Atomic; releasing a permit not held is harmless.
         """
         raise NotImplementedError
 
     async def renew_permit(self, key: str, holder: str, ttl: float, now: float) -> bool:
         """Heartbeat: push back the expiry of the holder's permit (and probe). False if it is not held."""
+        raise NotImplementedError
+
+    async def permit_excess(self, key: str, policy: "PermitPolicy", now: float) -> dict:
+        """{user: permits held beyond its fair share} for the users above it while another user waits below its
+        share (shares as in `acquire_permit`); empty when nobody waits so, or without fair shares or a limit.
+        Reads only."""
         raise NotImplementedError
 
 
@@ -160,10 +183,19 @@ class PermitPolicy:
     breaker_threshold: int  # consecutive failures that open the breaker; 0: it never opens
     breaker_cooldown_seconds: float
     ttl_seconds: float  # a permit not renewed (or released) within this frees itself
+    # Fairness between users (docs/resilience.md, "Fairness"); the defaults are the rules without users.
+    fair_share: bool = False  # per-user fair shares of the limit (acquire_permit)
+    demand_seconds: float = 2.0  # how long a user's recent use, request or wait keeps it contending
+    breaker_min_users: int = 1  # the shared breaker opens only on failures of at least this many users
 
     @property
     def state_seconds(self) -> float:
         return max(UPSTREAM_STATE_SECONDS, self.ttl_seconds, self.breaker_cooldown_seconds)
+
+    @property
+    def user_failures_counted(self) -> int:
+        """How many of one run's failures count per user towards the shared breaker's threshold."""
+        return -(-self.breaker_threshold // max(1, self.breaker_min_users))
 
 
 @dataclass(frozen=True)
@@ -173,3 +205,5 @@ class PermitResult:
     active: int  # permits held after the call
     retry_after_seconds: float = 0.0  # PERMIT_OPEN: until the breaker may let a request through
     probe: bool = False  # acquired as the half-open breaker's one probe
+    over_share: bool = False  # PERMIT_FULL for this user only: it holds its fair share, others contend
+    own: bool = False  # PERMIT_OPEN by the user's own breaker, not the shared one

@@ -131,18 +131,70 @@ class MemoryStore(CounterStore):
     # The shared upstream limit and circuit breaker (see the contract in base.py) ----------------------------
 
     def _upstream(self, key, policy):
-        # {"limit": float, "fails": int, "open_until": float, "probe": (holder, expires) | None, "permits": {}}
+        # {"limit": float, "fails": int, "open_until": float, "probe": (holder, expires) | None,
+        #  "permits": {holder: expires}, "owners": {holder: user}, "users": {user: [until, demand, wait_until]},
+        #  "breakers": {user: [fails, open_until]}, "run": int, "runs": {user: [run, failures]}}
         # Created on first use: the permit operations were added after __init__'s counters.
         upstreams = self.__dict__.setdefault("_upstreams", {})
         record = upstreams.get(key)
         if record is None:
             record = upstreams[key] = {"limit": float(policy.max_limit), "fails": 0, "open_until": 0.0,
-                                             "probe": None, "permits": {}}
+                                       "probe": None, "permits": {}, "owners": {}, "users": {}, "breakers": {},
+                                       "run": 0, "runs": {}}
         return record
 
-    async def acquire_permit(self, key, holder, policy, now):
+    @staticmethod
+    def _holdings(record, now):
+        """Permits held per user, after dropping expired permits and users no longer contending."""
+        permits, owners, users = record["permits"], record["owners"], record["users"]
+        for holder, expires in list(permits.items()):
+            if expires <= now:
+                del permits[holder]
+                owners.pop(holder, None)
+        for user, (until, _, _) in list(users.items()):
+            if until <= now:
+                del users[user]
+        held = {}
+        for holder in permits:
+            owner = owners.get(holder, "")
+            held[owner] = held.get(owner, 0) + 1
+        return held
+
+    @staticmethod
+    def _share(limit, held, users, also=()):
+        contending = set(held) | set(users) | set(also)
+        return max(1, int(limit) // max(1, len(contending))), contending
+
+    @staticmethod
+    def _contend(record, user, now, policy, demand=0, waiting=None):
+        """Note that `user` contends: its recent demand (the most it held at once), and whether it waits."""
+        until, old_demand, wait_until = record["users"].get(user, (0.0, 0, 0.0))
+        if until <= now:
+            old_demand, wait_until = 0, 0.0
+        if waiting is not None:
+            wait_until = now + policy.demand_seconds if waiting else 0.0
+        record["users"][user] = [now + policy.demand_seconds, max(old_demand, demand), wait_until]
+
+    def _yields(self, record, user, held, limit, now):
+        """Whether `user`, at or above its fair share, must leave the free permits to the other contenders."""
+        users = record["users"]
+        share, contending = self._share(limit, held, users, (user,))
+        if held.get(user, 0) < share:
+            return False
+        lacking = 0
+        for other in contending - {user}:
+            _, demand, wait_until = users.get(other, (0.0, 0, 0.0))
+            wants = share if wait_until > now else min(share, demand)
+            lacking += max(0, wants - held.get(other, 0))
+        return int(limit) - sum(held.values()) <= lacking
+
+    async def acquire_permit(self, key, holder, policy, now, user="", waiting=()):
         with self._lock:
             record = self._upstream(key, policy)
+            user = str(user)
+            own = record["breakers"].get(user)
+            if own and own[1] > now:
+                return PermitResult(PERMIT_OPEN, 0.0, 0, own[1] - now, own=True)
             probe = False
             if record["open_until"]:
                 if now < record["open_until"]:
@@ -157,25 +209,38 @@ class MemoryStore(CounterStore):
             permits = record["permits"]
             if not policy.max_limit:  # nothing to count (as in Redis: no O(streams) scan per request)
                 permits[holder] = now + policy.ttl_seconds
+                record["owners"][holder] = user
                 if probe:
                     record["probe"] = (holder, now + policy.ttl_seconds)
                 return PermitResult(PERMIT_ACQUIRED, limit, 1, probe=probe)
-            for other, expires in list(permits.items()):
-                if expires <= now:
-                    del permits[other]
+            held = self._holdings(record, now)
+            fair = policy.fair_share
+            if fair:
+                for other in waiting:
+                    self._contend(record, str(other), now, policy, waiting=True)
             others = len(permits) - (holder in permits)
-            if holder in permits or others < int(limit):
-                permits[holder] = now + policy.ttl_seconds
-                if probe:
-                    record["probe"] = (holder, now + policy.ttl_seconds)
-                return PermitResult(PERMIT_ACQUIRED, limit, others + 1, probe=probe)
-            return PermitResult(PERMIT_FULL, limit, others)
+            if holder not in permits:
+                over_share = others < int(limit) and fair and self._yields(record, user, held, limit, now)
+                if others >= int(limit) or over_share:
+                    if fair:
+                        self._contend(record, user, now, policy, held.get(user, 0) + 1, waiting=True)
+                    return PermitResult(PERMIT_FULL, limit, others, over_share=over_share)
+                held[user] = held.get(user, 0) + 1
+            permits[holder] = now + policy.ttl_seconds
+            record["owners"][holder] = user
+            if fair:
+                self._contend(record, user, now, policy, held[user], waiting=False)
+            if probe:
+                record["probe"] = (holder, now + policy.ttl_seconds)
+            return PermitResult(PERMIT_ACQUIRED, limit, others + 1, probe=probe)
 
-    async def release_permit(self, key, holder, outcome, limit_seen, policy, now, keep=False):
+    async def release_permit(self, key, holder, outcome, limit_seen, policy, now, keep=False, user=""):
         with self._lock:
             record = self._upstream(key, policy)
+            user = str(user)
             if not keep:
                 record["permits"].pop(holder, None)
+                record["owners"].pop(holder, None)
             limit = record["limit"]
             if policy.max_limit:
                 if outcome == OUTCOME_OK:
@@ -183,20 +248,40 @@ class MemoryStore(CounterStore):
                 elif outcome == OUTCOME_THROTTLED:
                     limit = max(policy.min_limit, min(limit, limit_seen * policy.decrease_factor))
                 record["limit"] = limit
+                if policy.fair_share:
+                    self._contend(record, user, now, policy)
             running = record["probe"]
             if record["open_until"]:
                 if running and running[0] == holder and now >= record["open_until"]:
                     record["probe"] = None
                     if outcome in (OUTCOME_OK, OUTCOME_THROTTLED):
                         record["open_until"], record["fails"] = 0.0, 0
+                        record["breakers"].pop(user, None)
                     elif outcome == OUTCOME_FAILED:
                         record["open_until"] = now + policy.breaker_cooldown_seconds
             elif outcome in (OUTCOME_OK, OUTCOME_THROTTLED):
-                record["fails"] = 0
+                if record["fails"]:
+                    record["fails"] = 0
+                    record["run"] += 1  # a new run: every user's failures in it start from 0
+                record["breakers"].pop(user, None)
             elif outcome == OUTCOME_FAILED and policy.breaker_threshold:
-                record["fails"] += 1
-                if record["fails"] >= policy.breaker_threshold:
-                    record["open_until"], record["fails"] = now + policy.breaker_cooldown_seconds, 0
+                threshold = policy.breaker_threshold
+                if policy.user_failures_counted < threshold:
+                    # The user's own breaker (one user cannot open the shared one); after its cooldown one failure
+                    # reopens it.
+                    fails, open_until = record["breakers"].get(user, (0, 0.0))
+                    fails += 1
+                    if fails >= threshold:
+                        fails, open_until = threshold - 1, now + policy.breaker_cooldown_seconds
+                    record["breakers"][user] = [fails, open_until]
+                run, counted = record["runs"].get(user, (record["run"], 0))
+                counted = counted + 1 if run == record["run"] else 1
+                record["runs"][user] = [record["run"], counted]
+                if counted <= policy.user_failures_counted:
+                    record["fails"] += 1
+                    if record["fails"] >= threshold:
+                        record["open_until"], record["fails"] = now + policy.breaker_cooldown_seconds, 0
+                        record["run"] += 1
             return limit
 
     async def renew_permit(self, key, holder, ttl, now):
@@ -208,3 +293,16 @@ class MemoryStore(CounterStore):
             if record["probe"] and record["probe"][0] == holder:
                 record["probe"] = (holder, now + ttl)
             return True
+
+    async def permit_excess(self, key, policy, now):
+        with self._lock:
+            record = self.__dict__.get("_upstreams", {}).get(key)
+            if record is None or not policy.fair_share or not policy.max_limit:
+                return {}
+            limit = max(policy.min_limit, min(policy.max_limit, record["limit"]))
+            held = self._holdings(record, now)
+            users = record["users"]
+            share, _ = self._share(limit, held, users)
+            waiting = {user for user, (_, _, wait_until) in users.items()
+                       if wait_until > now and held.get(user, 0) < share}
+            return {user: n - share for user, n in held.items() if n > share and waiting - {user}}

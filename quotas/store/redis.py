@@ -286,41 +286,71 @@ class RedisStore(CounterStore):
             scripts[source] = self.client.register_script(source)
         return scripts[source]
 
-    async def acquire_permit(self, key, holder, policy, now):
-        status, limit, active, retry_after, probe = await self._call(self._script(ACQUIRE_PERMIT), [key], [
-            holder, repr(now), policy.ttl_seconds, policy.min_limit, policy.max_limit, policy.state_seconds,
-            PROBE_RETRY_SECONDS])
+    async def acquire_permit(self, key, holder, policy, now, user="", waiting=()):
+        status, limit, active, retry_after, probe, over_share, own = await self._call(
+            self._script(ACQUIRE_PERMIT), [key], [
+                holder, repr(now), policy.ttl_seconds, policy.min_limit, policy.max_limit, policy.state_seconds,
+                PROBE_RETRY_SECONDS, str(user), "1" if policy.fair_share else "0", repr(float(policy.demand_seconds)),
+                *(str(other) for other in waiting)])
         return PermitResult(status.decode() if isinstance(status, bytes) else status, float(limit), int(active),
-                            float(retry_after), bool(probe))
+                            float(retry_after), bool(probe), bool(over_share), bool(own))
 
-    async def release_permit(self, key, holder, outcome, limit_seen, policy, now, keep=False):
+    async def release_permit(self, key, holder, outcome, limit_seen, policy, now, keep=False, user=""):
         limit = await self._call(self._script(RELEASE_PERMIT), [key], [
             holder, outcome, repr(float(limit_seen)), repr(now), policy.min_limit, policy.max_limit,
             repr(float(policy.increase)), repr(float(policy.decrease_factor)), policy.breaker_threshold,
-            repr(float(policy.breaker_cooldown_seconds)), "1" if keep else "0", policy.state_seconds])
+            repr(float(policy.breaker_cooldown_seconds)), "1" if keep else "0", policy.state_seconds, str(user),
+            "1" if policy.fair_share else "0", repr(float(policy.demand_seconds)), policy.user_failures_counted])
         return float(limit)
 
     async def renew_permit(self, key, holder, ttl, now):
         return bool(await self._call(self._script(RENEW_PERMIT), [key], [holder, repr(now), ttl]))
 
+    async def permit_excess(self, key, policy, now):
+        if not policy.fair_share or not policy.max_limit:
+            return {}
+        flat = await self._call(self._script(PERMIT_EXCESS), [key], [repr(now), policy.min_limit, policy.max_limit])
+        users = [u.decode() if isinstance(u, bytes) else u for u in flat[::2]]
+        return dict(zip(users, (int(n) for n in flat[1::2])))
 
-# The upstream record, one hash per upstream: "limit" (float), "fails", "open_until" (0 or absent: closed),
-# "probe" ("holder|expires" while half-open), and one "p:<holder>" = expires per permit.
 
-# KEYS[1] = upstream; ARGV: holder, now, ttl, min, max, state_seconds, probe_retry
-ACQUIRE_PERMIT = """
-local key, holder = KEYS[1], ARGV[1]
+# The upstream record, one hash per upstream: "limit" (float), "fails" (counted in the current run), "run" (the
+# run's number), "open_until" (0 or absent: closed), "probe" ("holder|expires" while half-open), one
+# "p:<holder>" = "expires|user" per permit, and per user: "u:<user>" = "until|demand|wait_until" (contending until;
+# the most it held at once meanwhile; waiting until), "b:<user>" = "failures|open_until" (its own breaker),
+# "r:<user>" = "run|failures" (its failures in the current run).
+
+# Splits "a|b" into a, b (b nil without a '|'). Shared by the scripts below.
+SPLIT = """
+local function split(value)
+  local sep = string.find(value, '|', 1, true)
+  if not sep then return value, nil end
+  return string.sub(value, 1, sep - 1), string.sub(value, sep + 1)
+end
+"""
+
+# KEYS[1] = upstream; ARGV: holder, now, ttl, min, max, state_seconds, probe_retry, user, fair (1/0), demand_seconds,
+# then the users waiting in the caller's process
+ACQUIRE_PERMIT = SPLIT + """
+local key, holder, user = KEYS[1], ARGV[1], ARGV[8]
 local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 local min_l, max_l = tonumber(ARGV[4]), tonumber(ARGV[5])
+local fair, demand_s = ARGV[9] == '1', tonumber(ARGV[10])
+local own = redis.call('HGET', key, 'b:' .. user)
+if own then
+  local _, own_until = split(own)
+  own_until = tonumber(own_until or '0')
+  if own_until > now then return {'open', '0', 0, tostring(own_until - now), 0, 0, 1} end
+end
 local open_until = tonumber(redis.call('HGET', key, 'open_until') or '0')
 local probe = 0
 if open_until > 0 then
-  if now < open_until then return {'open', '0', 0, tostring(open_until - now), 0} end
+  if now < open_until then return {'open', '0', 0, tostring(open_until - now), 0, 0, 0} end
   local running = redis.call('HGET', key, 'probe')
   if running then
-    local sep = string.find(running, '|', 1, true)
-    if string.sub(running, 1, sep - 1) ~= holder and tonumber(string.sub(running, sep + 1)) > now then
-      return {'open', '0', 0, ARGV[7], 0}
+    local running_holder, running_until = split(running)
+    if running_holder ~= holder and tonumber(running_until) > now then
+      return {'open', '0', 0, ARGV[7], 0, 0, 0}
     end
   end
   probe = 1
@@ -328,35 +358,96 @@ end
 local limit = tonumber(redis.call('HGET', key, 'limit') or ARGV[5])
 if max_l > 0 then limit = math.max(min_l, math.min(max_l, limit)) end
 local mine = 'p:' .. holder
-local held, others = false, 0
--- With no limit nothing needs counting: skip the scan (it would cost O(streams) per request).
-local all = {}
-if max_l > 0 then all = redis.call('HGETALL', key) end
-for i = 1, #all, 2 do
-  local field = all[i]
-  if string.sub(field, 1, 2) == 'p:' then
-    if tonumber(all[i + 1]) <= now then
-      redis.call('HDEL', key, field)
-    elseif field == mine then
-      held = true
-    else
-      others = others + 1
-    end
-  end
-end
-if held or max_l == 0 or others < math.floor(limit) then
-  redis.call('HSET', key, mine, tostring(now + ttl))
+local permit = tostring(now + ttl) .. '|' .. user
+local function granted(active)
+  redis.call('HSET', key, mine, permit)
   if probe == 1 then redis.call('HSET', key, 'probe', holder .. '|' .. tostring(now + ttl)) end
   redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[6]) * 1000))
-  return {'acquired', tostring(limit), others + 1, '0', probe}
+  return {'acquired', tostring(limit), active, '0', probe, 0, 0}
 end
-return {'full', tostring(limit), others, '0', 0}
+-- With no limit nothing needs counting: skip the scan (it would cost O(streams) per request).
+if max_l == 0 then return granted(1) end
+local run = redis.call('HGET', key, 'run') or '0'
+local held_by, users = {}, {}
+local held, others = false, 0
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  local field, value = all[i], all[i + 1]
+  local kind = string.sub(field, 1, 2)
+  if kind == 'p:' then
+    local expires, owner = split(value)
+    if tonumber(expires) <= now then
+      redis.call('HDEL', key, field)
+    else
+      owner = owner or ''
+      held_by[owner] = (held_by[owner] or 0) + 1
+      if field == mine then held = true else others = others + 1 end
+    end
+  elseif kind == 'u:' then
+    local until_, rest = split(value)
+    if tonumber(until_) <= now then
+      redis.call('HDEL', key, field)
+    else
+      local demand, wait_until = split(rest)
+      users[string.sub(field, 3)] = {tonumber(demand), tonumber(wait_until)}
+    end
+  elseif kind == 'r:' and split(value) ~= run then
+    redis.call('HDEL', key, field)
+  end
+end
+-- A user contends for demand_s more; `waiting`: true or false sets whether it waits, nil keeps it.
+local function contend(who, demand, waiting)
+  local entry = users[who] or {0, 0}
+  local wait_until = entry[2]
+  if waiting == true then wait_until = now + demand_s elseif waiting == false then wait_until = 0 end
+  entry = {math.max(entry[1], demand), wait_until}
+  users[who] = entry
+  redis.call('HSET', key, 'u:' .. who, tostring(now + demand_s) .. '|' .. entry[1] .. '|' .. tostring(wait_until))
+end
+if fair then
+  for i = 11, #ARGV do contend(ARGV[i], 0, true) end
+end
+local capacity = math.floor(limit)
+if not held then
+  local over = 0
+  if fair and others < capacity then
+    local contending, n = {}, 0
+    for who, _ in pairs(held_by) do contending[who] = true end
+    for who, _ in pairs(users) do contending[who] = true end
+    contending[user] = true
+    for _, _ in pairs(contending) do n = n + 1 end
+    local share = math.max(1, math.floor(capacity / n))
+    if (held_by[user] or 0) >= share then
+      -- What the other contenders lack of their shares: a waiting user its whole share, another up to its demand.
+      local lacking = 0
+      for who, _ in pairs(contending) do
+        if who ~= user then
+          local wants, entry = 0, users[who]
+          if entry then
+            if entry[2] > now then wants = share else wants = math.min(share, entry[1]) end
+          end
+          wants = wants - (held_by[who] or 0)
+          if wants > 0 then lacking = lacking + wants end
+        end
+      end
+      if capacity - others <= lacking then over = 1 end
+    end
+  end
+  if others >= capacity or over == 1 then
+    if fair then contend(user, (held_by[user] or 0) + 1, true) end
+    redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[6]) * 1000))
+    return {'full', tostring(limit), others, '0', 0, over, 0}
+  end
+  held_by[user] = (held_by[user] or 0) + 1
+end
+if fair then contend(user, held_by[user], false) end
+return granted(others + 1)
 """
 
 # KEYS[1] = upstream; ARGV: holder, outcome, limit_seen, now, min, max, increase, decrease_factor,
-# breaker_threshold, breaker_cooldown, keep, state_seconds
-RELEASE_PERMIT = """
-local key, holder, outcome = KEYS[1], ARGV[1], ARGV[2]
+# breaker_threshold, breaker_cooldown, keep, state_seconds, user, fair (1/0), demand_seconds, failures counted per user
+RELEASE_PERMIT = SPLIT + """
+local key, holder, outcome, user = KEYS[1], ARGV[1], ARGV[2], ARGV[13]
 local now, min_l, max_l = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local threshold, cooldown = tonumber(ARGV[9]), tonumber(ARGV[10])
 if ARGV[11] ~= '1' then redis.call('HDEL', key, 'p:' .. holder) end
@@ -368,24 +459,60 @@ if max_l > 0 then
     limit = math.max(min_l, math.min(limit, tonumber(ARGV[3]) * tonumber(ARGV[8])))
   end
   redis.call('HSET', key, 'limit', tostring(limit))
+  if ARGV[14] == '1' then
+    -- The user contends a while longer, its demand and wait kept while they last.
+    local entry = redis.call('HGET', key, 'u:' .. user)
+    local rest = '0|0'
+    if entry then
+      local until_, kept = split(entry)
+      if tonumber(until_) > now then rest = kept end
+    end
+    redis.call('HSET', key, 'u:' .. user, tostring(now + tonumber(ARGV[15])) .. '|' .. rest)
+  end
 end
 local open_until = tonumber(redis.call('HGET', key, 'open_until') or '0')
 if open_until > 0 then
   local running = redis.call('HGET', key, 'probe')
-  if running and string.sub(running, 1, string.find(running, '|', 1, true) - 1) == holder and now >= open_until then
+  if running and split(running) == holder and now >= open_until then
     redis.call('HDEL', key, 'probe')
     if outcome == 'ok' or outcome == 'throttled' then
-      redis.call('HDEL', key, 'open_until')
+      redis.call('HDEL', key, 'open_until', 'b:' .. user)
       redis.call('HSET', key, 'fails', 0)
     elseif outcome == 'failed' then
       redis.call('HSET', key, 'open_until', tostring(now + cooldown))
     end
   end
 elseif outcome == 'ok' or outcome == 'throttled' then
-  redis.call('HSET', key, 'fails', 0)
+  if tonumber(redis.call('HGET', key, 'fails') or '0') > 0 then
+    redis.call('HSET', key, 'fails', 0)
+    redis.call('HINCRBY', key, 'run', 1)  -- a new run: every user's failures in it start from 0
+  end
+  redis.call('HDEL', key, 'b:' .. user)
 elseif outcome == 'failed' and threshold > 0 then
-  if redis.call('HINCRBY', key, 'fails', 1) >= threshold then
+  if tonumber(ARGV[16]) < threshold then
+    -- The user's own breaker (one user cannot open the shared one); after its cooldown one failure reopens it.
+    local fails, own_until = 0, '0'
+    local own = redis.call('HGET', key, 'b:' .. user)
+    if own then
+      local counted_fails, counted_until = split(own)
+      fails, own_until = tonumber(counted_fails), counted_until or '0'
+    end
+    fails = fails + 1
+    if fails >= threshold then fails, own_until = threshold - 1, tostring(now + cooldown) end
+    redis.call('HSET', key, 'b:' .. user, fails .. '|' .. own_until)
+  end
+  -- The shared run: at most ARGV[16] of one user's failures in it count.
+  local run = redis.call('HGET', key, 'run') or '0'
+  local counted = 1
+  local mine = redis.call('HGET', key, 'r:' .. user)
+  if mine then
+    local mine_run, mine_counted = split(mine)
+    if mine_run == run then counted = tonumber(mine_counted) + 1 end
+  end
+  redis.call('HSET', key, 'r:' .. user, run .. '|' .. counted)
+  if counted <= tonumber(ARGV[16]) and redis.call('HINCRBY', key, 'fails', 1) >= threshold then
     redis.call('HSET', key, 'open_until', tostring(now + cooldown), 'fails', 0)
+    redis.call('HINCRBY', key, 'run', 1)
   end
 end
 redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[12]) * 1000))
@@ -393,14 +520,65 @@ return tostring(limit)
 """
 
 # KEYS[1] = upstream; ARGV: holder, now, ttl
-RENEW_PERMIT = """
+RENEW_PERMIT = SPLIT + """
 local mine = 'p:' .. ARGV[1]
-if redis.call('HEXISTS', KEYS[1], mine) == 0 then return 0 end
+local value = redis.call('HGET', KEYS[1], mine)
+if not value then return 0 end
+local _, owner = split(value)
 local expires = tostring(tonumber(ARGV[2]) + tonumber(ARGV[3]))
-redis.call('HSET', KEYS[1], mine, expires)
+if owner then
+  redis.call('HSET', KEYS[1], mine, expires .. '|' .. owner)
+else
+  redis.call('HSET', KEYS[1], mine, expires)
+end
 local running = redis.call('HGET', KEYS[1], 'probe')
-if running and string.sub(running, 1, string.find(running, '|', 1, true) - 1) == ARGV[1] then
+if running and split(running) == ARGV[1] then
   redis.call('HSET', KEYS[1], 'probe', ARGV[1] .. '|' .. expires)
 end
 return 1
+"""
+
+# KEYS[1] = upstream; ARGV: now, min, max. Reads only: {user, permits over its share, ...}.
+PERMIT_EXCESS = SPLIT + """
+local key, now = KEYS[1], tonumber(ARGV[1])
+local limit = tonumber(redis.call('HGET', key, 'limit') or ARGV[3])
+limit = math.max(tonumber(ARGV[2]), math.min(tonumber(ARGV[3]), limit))
+local held_by, contending, waiting = {}, {}, {}
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  local field, value = all[i], all[i + 1]
+  local kind = string.sub(field, 1, 2)
+  if kind == 'p:' then
+    local expires, owner = split(value)
+    if tonumber(expires) > now then
+      owner = owner or ''
+      held_by[owner] = (held_by[owner] or 0) + 1
+      contending[owner] = true
+    end
+  elseif kind == 'u:' then
+    local until_, rest = split(value)
+    if tonumber(until_) > now then
+      local who = string.sub(field, 3)
+      contending[who] = true
+      local _, wait_until = split(rest)
+      if tonumber(wait_until) > now then waiting[who] = true end
+    end
+  end
+end
+local n = 0
+for _, _ in pairs(contending) do n = n + 1 end
+local share = math.max(1, math.floor(math.floor(limit) / math.max(1, n)))
+local excess = {}
+for who, held in pairs(held_by) do
+  if held > share then
+    for other, _ in pairs(waiting) do
+      if other ~= who and (held_by[other] or 0) < share then
+        table.insert(excess, who)
+        table.insert(excess, held - share)
+        break
+      end
+    end
+  end
+end
+return excess
 """

@@ -52,3 +52,17 @@ def queue_retry_after(queued: int, limit: float, hold_seconds: float) -> float:
 def moving_average(previous: float, sample: float, weight: float = 0.2) -> float:
     """Exponentially weighted: how long permits are held, as the queue's Retry-After needs it."""
     return previous + weight * (sample - previous)
+
+
+def demand_seconds(poll_seconds: float) -> float:
+    """How long a user stays contending for fair shares after it last took, gave back or waited for a permit.
+
+    Long enough to span a closed-loop client's turn-around (the next request follows the last within
+    milliseconds) and three of the queue's polls (a waiting user is re-announced once per third of it).
+    """
+    return max(2.0, 3 * poll_seconds)
+
+
+def preempt_tick(after_seconds: float) -> float:
+    """How often a process looks for streams stalled `after_seconds` (a quarter of it, from 0.05 s to 1 s)."""
+    return min(1.0, max(0.05, after_seconds / 4))

@@ -16,6 +16,7 @@ from quotas.store.base import OUTCOME_FAILED, OUTCOME_OK
 from . import client
 from .errors import UpstreamError
 from .events import DONE, ERROR, Event
+from .permits import preempted
 
 
 async def open_to_first_token(url, body, request_id, timeout_seconds, commit_after_seconds):
@@ -82,6 +83,8 @@ class GuardedStream:
         self._renew_at = time.monotonic() + self._renew_every
         self.outcome = None
         self.closed = False
+        # The permit may end this stream for another user while its reader has stopped (permits.py: preemption).
+        permit.attach(self)
 
     @property
     def awaiting_first_token(self) -> bool:
@@ -90,9 +93,14 @@ class GuardedStream:
 
     async def read_batch(self) -> list[Event] | None:
         """The next events, or None at the end of the provider's body."""
+        permit = self._permit
+        if permit.preempted:
+            raise preempted()
         if self._seen:
             batch, self._seen = self._seen, []
+            permit.idle_since = time.monotonic()
             return self._note(batch)
+        permit.idle_since = None  # waiting for the provider, not for the reader
         try:
             if self._pending is not None:
                 pending, self._pending = self._pending, None
@@ -105,10 +113,10 @@ class GuardedStream:
         if batch is None:
             self.outcome = self.outcome or OUTCOME_FAILED  # ended without [DONE]
             return None
-        now = time.monotonic()
+        now = permit.idle_since = time.monotonic()
         if now >= self._renew_at:
             self._renew_at = now + self._renew_every
-            await self._permit.renew()
+            await permit.renew()
         return self._note(batch)
 
     def _note(self, batch):

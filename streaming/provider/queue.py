@@ -3,9 +3,11 @@
 The queue is per process on purpose: waiting is local (an asyncio future per request), only the permits are
 shared. One dispatcher task, alive while anyone waits, offers each free permit to the next user in turn — the
 head of the first user's deque takes the store's permit, then that user moves to the back of the rotation — so a
-user with fifty queued requests delays another user's single request by one turn at most. It asks the store
-again when a permit is released in this process (`notify`), and every `poll_seconds()` for permits that other
-processes released. docs/resilience.md discusses the choice.
+user with fifty queued requests delays another user's single request by one turn at most. A user the store
+refuses for holding its fair share (`over_share`) passes its turn to the next user; one whose own breaker is open
+hears it, alone. It asks the store again when a request joins or a permit is released in this process
+(`notify`), and every `poll_seconds()` for permits that other processes released. docs/resilience.md discusses
+the choice.
 """
 
 import asyncio
@@ -26,8 +28,8 @@ class Waiter:
 
 class FairQueue:
     def __init__(self, try_acquire, give_back, poll_seconds):
-        """`try_acquire(holder)` asks the store for a permit (a PermitResult); `give_back(holder, result)`
-        returns one acquired for a waiter that has gone meanwhile; `poll_seconds()` reads the setting."""
+        """`try_acquire(user, holder)` asks the store for a permit (a PermitResult); `give_back(user, holder,
+        result)` returns one acquired for a waiter that has gone meanwhile; `poll_seconds()` reads the setting."""
         self._try_acquire = try_acquire
         self._give_back = give_back
         self._poll_seconds = poll_seconds
@@ -48,6 +50,7 @@ class FairQueue:
         else:
             waiters.append(waiter)
         self.length += 1
+        self._wake.set()  # a permit may be free to this user even though others wait (fair shares)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._dispatch())
         try:
@@ -58,7 +61,7 @@ class FairQueue:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None \
                     and future.result().status == PERMIT_ACQUIRED:
-                await asyncio.shield(self._give_back(holder, future.result()))
+                await asyncio.shield(self._give_back(user, holder, future.result()))
             raise
         finally:
             self._remove(waiter)
@@ -66,6 +69,10 @@ class FairQueue:
     def notify(self):
         """A permit was released in this process: the next waiter may have it."""
         self._wake.set()
+
+    def users(self):
+        """The users waiting here now."""
+        return list(self._users)
 
     def _remove(self, waiter):
         if not waiter.queued:
@@ -77,10 +84,9 @@ class FairQueue:
         if not waiters:
             del self._users[waiter.user]
 
-    def _next(self):
-        """The head of the first user's deque, dropping waiters that gave up."""
-        while self._users:
-            user, waiters = next(iter(self._users.items()))
+    def _head(self, user):
+        """The head of `user`'s deque, dropping waiters that gave up; None when none is left."""
+        while (waiters := self._users.get(user)) is not None:
             waiter = waiters[0]
             if not waiter.future.done():
                 return waiter
@@ -101,21 +107,45 @@ class FairQueue:
         return True
 
     async def _dispatch(self):
-        while (waiter := self._next()) is not None:
-            # Cleared before asking, so a release during the store call is not missed.
+        while self._users:
+            # Cleared before asking, so a release or an arrival during the store calls is not missed.
             self._wake.clear()
-            try:
-                result = await self._try_acquire(waiter.holder)
-            except Exception as error:  # the store failed closed: this waiter gets the error
-                self._grant(waiter, error=error)
-                continue
-            if result.status == PERMIT_FULL:
+            if not await self._round():
                 with suppress(TimeoutError):
                     async with asyncio.timeout(self._poll_seconds()):
                         await self._wake.wait()
-            elif result.status == PERMIT_ACQUIRED:
+
+    async def _round(self):
+        """Offer a free permit to each user in turn, until one takes it; False if none did."""
+        for user in list(self._users):
+            waiter = self._head(user)
+            if waiter is None:
+                continue
+            try:
+                result = await self._try_acquire(user, waiter.holder)
+            except Exception as error:  # the store failed closed: this waiter gets the error
+                self._grant(waiter, error=error)
+                return True
+            if result.status == PERMIT_ACQUIRED:
                 if not self._grant(waiter, result):
-                    await self._give_back(waiter.holder, result)
-            else:  # the breaker opened: everyone waiting hears it now
-                while (other := self._next()) is not None:
+                    await self._give_back(user, waiter.holder, result)
+                return True
+            if result.status == PERMIT_FULL:
+                if result.over_share:
+                    continue  # this user holds its fair share: the next one may have the permit
+                return False
+            if result.own:  # the user's own breaker opened: all its requests hear it now
+                while (other := self._head(user)) is not None:
                     self._grant(other, result)
+                continue
+            while (other := self._next()) is not None:  # the shared breaker opened: everyone waiting hears it now
+                self._grant(other, result)
+            return True
+        return False
+
+    def _next(self):
+        """The head of the first user's deque (dropping waiters that gave up)."""
+        for user in list(self._users):
+            if (waiter := self._head(user)) is not None:
+                return waiter
+        return None

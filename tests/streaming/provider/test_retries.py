@@ -259,6 +259,8 @@ def test_a_client_that_leaves_during_the_first_token_wait_stops_the_upstream(sim
 
 
 def test_a_run_of_500s_opens_the_breaker_then_a_probe_closes_it(make_user):
+    # One user: the breaker that opens is the user's own (the shared one needs two users' failures: test_fairness.py),
+    # which after its cooldown reopens on one failure and closes on a success, as the shared breaker's probe does.
     caller = make_user(**BUSY_USER)
     breaker = {**FAST, "UPSTREAM_BREAKER_THRESHOLD": 3, "UPSTREAM_BREAKER_COOLDOWN": 3}
     with gateway_server(**breaker) as gateway:
