@@ -50,16 +50,20 @@ def _origin_form(scope):
     """The scope of an absolute-form request target (`GET http://host/v1/models HTTP/1.1`, which HTTP/1.1 servers
     must accept) with the path alone, as the routes know it: Daphne passes the whole URL on as the path.
 
-    The Host header is left as the client sent it: only the path decides which application answers.
+    The Host header is left as the client sent it: only the path decides which application answers. None: the
+    target is not a URL at all (answered 400).
     """
     if scope["path"].startswith("/"):  # origin form: nearly every request, and nothing to parse
         return scope
-    target = urlsplit(scope["path"])
+    try:
+        target = urlsplit(scope["path"])
+        raw_path = scope.get("raw_path")
+        if raw_path:
+            raw_path = urlsplit(raw_path).path or b"/"
+    except ValueError:  # not a URL at all (`http://[::1/v1/models`: an unclosed IPv6 literal)
+        return None
     if target.scheme.lower() not in ("http", "https") or not target.netloc:
         return scope
-    raw_path = scope.get("raw_path")
-    if raw_path:
-        raw_path = urlsplit(raw_path).path or b"/"
     return dict(scope, path=target.path or "/", raw_path=raw_path)
 
 
@@ -81,7 +85,22 @@ _intake = Intake(_route)
 
 
 async def http_application(scope, receive, send):
-    return await _intake(_origin_form(scope), receive, send)
+    target = _origin_form(scope)
+    if target is None:
+        return await _bad_target(scope, send)
+    return await _intake(target, receive, send)
+
+
+async def _bad_target(scope, send):
+    import json
+    import uuid
+
+    body = json.dumps({"error": {"message": "The request target is not a valid URL.", "type": "invalid_request_error",
+                                 "param": None, "code": "bad_request"}}).encode()
+    await send({"type": "http.response.start", "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"x-request-id", f"req_{uuid.uuid4().hex}".encode())]})
+    await send({"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else body})
 
 
 from streaming.gateway.live_panel import websocket_application  # noqa: E402

@@ -1,4 +1,5 @@
-"""The gateway's routes: the OpenAI-compatible API, the browser demo and its session endpoints, /metrics, the probes."""
+"""The gateway's routes: the OpenAI-compatible API, the browser demo and its session endpoints, /metrics, the probes,
+the API's OpenAPI document."""
 
 from django.urls import path, re_path
 
@@ -15,4 +16,5 @@ urlpatterns = [
     path("metrics", metrics_endpoint.metrics, name="metrics"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("openapi.json", views.openapi_document, name="openapi"),
 ]

@@ -194,12 +194,16 @@ def parse_chat_request(body: dict) -> ChatRequest:
     stream = body.get("stream", False)
     _expect(stream, bool, "stream")
     stream_options = body.get("stream_options")
+    include_usage = False
     if stream_options is not None:
         _expect(stream_options, dict, "stream_options")
         if not stream:
             raise invalid("'stream_options' is only allowed when 'stream' is true.", param="stream_options",
                           code="invalid_value")
-    include_usage = bool((stream_options or {}).get("include_usage"))
+        # A boolean, as OpenAI requires: "yes" or 1e-400 would otherwise pass as true, or as false (fuzz finding 1).
+        if stream_options.get("include_usage") is not None:
+            _expect(stream_options["include_usage"], bool, "stream_options.include_usage")
+            include_usage = stream_options["include_usage"]
     max_tokens = None
     for name in ("max_completion_tokens", "max_tokens"):
         if body.get(name) is not None:

@@ -1,9 +1,11 @@
 """The OpenAI-compatible API: thin async views over a completion's lifecycle (streaming/streams/completion.py)."""
 
+import functools
 import time
+from pathlib import Path
 
 from django.conf import settings
-from django.http import JsonResponse
+from django.http import HttpResponse, JsonResponse
 
 from quotas.domain import admission
 from quotas.domain.leases import quota_status
@@ -35,6 +37,8 @@ def api_view(methods, csrf_exempt=True):
 
         wrapped.__name__ = view.__name__
         wrapped.csrf_exempt = csrf_exempt
+        # What the OpenAPI document must list for the route (tests/streaming/gateway/test_fuzz.py checks it).
+        wrapped.allowed_methods = tuple(methods)
         return wrapped
 
     return decorate
@@ -77,6 +81,23 @@ async def quota(request):
         "max_tokens_per_request": limits.max_tokens_per_request,
         "models": [m for m in settings.SLUICE_MODELS if limits.allows_model(m, settings.SLUICE_MODELS)],
     })
+
+
+OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
+
+
+@functools.cache
+def _openapi_bytes() -> bytes:
+    return OPENAPI_DOCUMENT.read_bytes()
+
+
+@api_view(["GET", "HEAD"])
+async def openapi_document(request):
+    """GET /openapi.json: the API's OpenAPI 3.1 document, without a key (other teams generate clients from it).
+
+    Outside /v1/, where every path needs a key (middleware.py); written by hand, and tests/streaming/gateway/
+    test_fuzz.py checks it lists every /v1/ route with its methods and fuzzes the gateway against it."""
+    return HttpResponse(_openapi_bytes(), content_type="application/json")
 
 
 def csrf_failure(request, reason=""):

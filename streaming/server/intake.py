@@ -42,12 +42,18 @@ def _settings():
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE, tuple(getattr(settings, "SERVER_KEYED_PATH_PREFIXES", ()))
 
 
-def json_error(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
-    """A whole HTTP/1.1 response carrying an OpenAI error object, closing the connection."""
+def json_error(status: int, message: str, code: str, type_: str = "invalid_request_error", head=False) -> bytes:
+    """A whole HTTP/1.1 response carrying an OpenAI error object, closing the connection (no body for HEAD)."""
     body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
     phrase = HTTPStatus(status).phrase
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"x-request-id: req_{uuid.uuid4().hex}\r\nConnection: close\r\n\r\n").encode("ascii") + body
+            f"x-request-id: req_{uuid.uuid4().hex}\r\nConnection: close\r\n\r\n").encode("ascii") + (
+        b"" if head else body)
+
+
+def _is_head(channel) -> bool:
+    # The request line's method, as the channel parsed it (private, like _path: docs/architecture.md).
+    return getattr(channel, "_command", b"") == b"HEAD"
 
 
 class BoundedRequest(WebRequest):
@@ -68,9 +74,9 @@ class BoundedRequest(WebRequest):
         has_body = length is None or length > 0
         if has_body and keyed_prefixes and path.decode("latin-1").startswith(keyed_prefixes) \
                 and not _bearer(self.requestHeaders.getRawHeaders(b"Authorization") or []):
-            return self._refuse(json_error(401, _MISSING_KEY, "invalid_api_key"))
+            return self._refuse(json_error(401, _MISSING_KEY, "invalid_api_key", head=_is_head(self.channel)))
         if limit is not None and length is not None and length > limit:
-            return self._refuse(_too_large(limit))
+            return self._refuse(_too_large(limit, _is_head(self.channel)))
         super().gotLength(length)
 
     def handleContentChunk(self, data):
@@ -78,7 +84,7 @@ class BoundedRequest(WebRequest):
             return  # discarded: the answer is sent and the connection is closing
         self._received += len(data)
         if self._limit is not None and self._received > self._limit:
-            return self._refuse(_too_large(self._limit))
+            return self._refuse(_too_large(self._limit, _is_head(self.channel)))
         super().handleContentChunk(data)
 
     def requestReceived(self, command, path, version):
@@ -101,8 +107,12 @@ class BoundedRequest(WebRequest):
 
     def basic_error(self, status, status_text, body):
         # Daphne's own refusals (an invalid header, a non-ASCII path): JSON, not its HTML page.
-        payload = json.dumps({"error": {"message": f"{body}.", "type": "invalid_request_error", "param": None,
-                                        "code": "bad_request"}}).encode()
+        # Daphne's own 500 ("Exception inside application") comes this way too: a server error, not the client's.
+        kind, code = ("server_error", "internal_error") if status >= 500 else ("invalid_request_error", "bad_request")
+        payload = json.dumps({"error": {"message": body.rstrip(".") + ".", "type": kind, "param": None,
+                                        "code": code}}).encode()
+        if self.method == b"HEAD":
+            payload = b""
         self.handle_reply({"type": "http.response.start", "status": status,
                            "headers": [(b"Content-Type", b"application/json"),
                                        (b"x-request-id", f"req_{uuid.uuid4().hex}".encode())]})
@@ -113,8 +123,8 @@ def _bearer(values) -> bool:
     return any(v[:7].lower() == b"bearer " and v[7:].strip() for v in values)
 
 
-def _too_large(limit):
-    return json_error(413, f"Request body is larger than {limit} bytes.", "request_too_large")
+def _too_large(limit, head=False):
+    return json_error(413, f"Request body is larger than {limit} bytes.", "request_too_large", head=head)
 
 
 def _abort(transport):
@@ -135,9 +145,21 @@ class BoundedHTTPFactory(HTTPFactory):
             channel = getattr(protocol, "_channel", None)
             if channel is not None and hasattr(channel, "_respondToBadRequestAndDisconnect"):
                 channel._respondToBadRequestAndDisconnect = lambda: _not_http(channel)
+                # A request line or header line over HTTPChannel.MAX_LENGTH (16 KiB): LineReceiver's public hook,
+                # which by default closes the connection without a word.
+                channel.lineLengthExceeded = lambda line: _line_too_long(channel)
         return protocol
 
 
 def _not_http(channel):
-    channel.transport.write(json_error(400, "The request could not be parsed as HTTP/1.1.", "bad_request"))
+    channel.transport.write(json_error(400, "The request could not be parsed as HTTP/1.1.", "bad_request",
+                                       head=_is_head(channel)))
     channel.loseConnection()
+
+
+def _line_too_long(channel):
+    # Before the request line is complete the method is unknown: the body goes out (a HEAD request's line this long
+    # is not HTTP a client can expect an exact answer to).
+    channel.transport.write(json_error(431, f"A request line or header is longer than {channel.MAX_LENGTH} bytes.",
+                                       "request_header_too_large", head=_is_head(channel)))
+    channel.transport.loseConnection()

@@ -7,6 +7,7 @@ the server sees, and the ledger rows the server writes are what the test reads.
 
 import json
 import os
+import re
 import socket
 import sys
 from contextlib import contextmanager
@@ -106,6 +107,20 @@ def gateway_server(server="daphne", **env):
         finally:
             RUNNING.remove(gateway)
             gateway.http.close()
+
+
+# The password conftest's make_user gives every user.
+PASSWORD = "a-long-test-password"
+
+
+def sign_in(http, username: str) -> str:
+    """A session on the gateway, as the browser gets one; returns the CSRF token for X-CSRFToken."""
+    form = http.get("/accounts/login/").text
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form).group(1)
+    response = http.post("/accounts/login/", data={"username": username, "password": PASSWORD,
+                                                   "csrfmiddlewaretoken": token})
+    assert response.status_code == 302, response.text[:300]
+    return http.cookies["csrftoken"]
 
 
 def sse_events(body: bytes):

@@ -6,17 +6,15 @@ they share validation.parse_body and the error handling.
 """
 
 import json
-import re
 import socket
 
 import httpx2
 import pytest
 
-from tests.support.gateways import open_stream
+from tests.support.gateways import open_stream, sign_in
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PASSWORD = "a-long-test-password"
 GOOD = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 SURFACES = ["api", "demo"]
 
@@ -27,16 +25,6 @@ def error_of(response, status):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     return error
-
-
-def sign_in(http, username):
-    """A session on the gateway, as the browser gets one; returns the CSRF token for X-CSRFToken."""
-    form = http.get("/accounts/login/").text
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form).group(1)
-    response = http.post("/accounts/login/", data={"username": username, "password": PASSWORD,
-                                                   "csrfmiddlewaretoken": token})
-    assert response.status_code == 302, response.text[:300]
-    return http.cookies["csrftoken"]
 
 
 class Caller:
