@@ -35,6 +35,7 @@ def test_exactly_one_module_imports_openai_and_one_imports_redis():
     graph = grimp.build_graph(*PACKAGES, include_external_packages=True)
     assert graph.find_modules_that_directly_import("openai") == {"streaming.provider.client"}
     assert graph.find_modules_that_directly_import("redis") == {"quotas.store.redis"}
+    assert graph.find_modules_that_directly_import("tiktoken") == {"quotas.domain.tokens"}
 
 
 @pytest.mark.parametrize("module, line, broken", [
@@ -43,6 +44,7 @@ def test_exactly_one_module_imports_openai_and_one_imports_redis():
     ("streaming/provider/retries.py", "from streaming.streams import relay", "streaming: the gateway over"),
     ("streaming/server/reactor.py", "import streaming.gateway.views", "stand apart from the gateway"),
     ("streaming/streams/buffer.py", "import openai", "Exactly one module imports openai"),
+    ("quotas/domain/policy.py", "import tiktoken", "Only the meter's tokenizer module imports tiktoken"),
     ("quotas/domain/leases.py", "import redis", "Only the Redis counter store imports redis"),
     # A cycle between two modules of one package: streaming.errors already imports streaming.provider.errors.
     ("streaming/provider/errors.py", "import streaming.errors", "No import cycle"),

@@ -4,11 +4,11 @@ Tested with plain values in tests/quotas/domain/test_policy.py.
 """
 
 import logging
-import math
-import re
 import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from . import tokens
 
 logger = logging.getLogger("quotas")
 
@@ -91,34 +91,59 @@ def calendar_windows(limits: Limits, now: datetime):
     )
 
 
-_TOKENISH = re.compile(r"\w+|[^\w\s]")
+# OpenAI's chat format (the cookbook's num_tokens_from_messages, gpt-4o and later): each message costs 3 tokens of
+# framing around its fields, a name 1 more, and every reply is primed with 3.
+MESSAGE_TOKENS = 3
+NAME_TOKENS = 1
+REPLY_PRIMING_TOKENS = 3
+# A content part that is not text (an image, audio, a file): Sluice cannot see its size, so it reserves what the
+# largest gpt-4o image costs at "high" detail (85 + 170 per 512-px tile, at most 8 tiles). Settlement charges the
+# provider's own figure either way (docs/quotas.md, "What is charged").
+NON_TEXT_PART_TOKENS = 85 + 170 * 8
 
 
 def estimate_tokens(text: str) -> int:
-    """A conservative token count for text when no tokenizer is available offline.
-
-    Each word and each punctuation mark counts, and long words count once per 4 characters: at
-    or above what BPE tokenizers give for English, and above the simulator's word count.
-    """
-    return sum(max(1, math.ceil(len(t) / 4)) for t in _TOKENISH.findall(text))
+    """The tokens of `text` in o200k_base (quotas/domain/tokens.py): exact for OpenAI's current models."""
+    return tokens.count(text)
 
 
 def estimate_prompt_tokens(messages) -> int:
-    total = 3  # the reply's priming tokens
+    """A prompt's tokens as OpenAI counts them: every string field of each message (role, content, name,
+    tool_call_id), the text of content parts, the name and arguments of an assistant's tool calls, and the
+    chat format's framing."""
+    total = REPLY_PRIMING_TOKENS
     for message in messages:
-        total += 4  # role and separators
-        content = message.get("content")
-        if isinstance(content, list):
-            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        total += estimate_tokens(str(content or ""))
-        if message.get("name"):
-            total += estimate_tokens(str(message["name"]))
+        total += MESSAGE_TOKENS
+        for key, value in message.items():
+            if isinstance(value, str):
+                total += tokens.count(value) + (NAME_TOKENS if key == "name" else 0)
+            elif key == "content" and isinstance(value, list):
+                total += sum(_part_tokens(part) for part in value)
+            elif key == "tool_calls" and isinstance(value, list):
+                total += sum(_call_tokens(call) for call in value)
+            elif key == "function_call":  # the legacy single call
+                total += _call_tokens({"function": value})
     return total
 
 
+def _part_tokens(part) -> int:
+    if isinstance(part, dict) and part.get("type") == "text":
+        return tokens.count(str(part.get("text", "")))
+    return NON_TEXT_PART_TOKENS
+
+
+def _call_tokens(call) -> int:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return 0
+    return sum(tokens.count(value) for value in (function.get("name"), function.get("arguments"))
+               if isinstance(value, str))
+
+
 def chunk_tokens(content: str) -> int:
-    """Tokens metered for one streamed delta: one per chunk, or its words if a chunk packs several."""
-    return max(1, len(content.split()))
+    """Tokens metered for one streamed delta of text: its o200k_base tokens, at least one (a delta the provider sent
+    came from at least one generated token)."""
+    return max(1, tokens.count(content))
 
 
 def clamp_max_tokens(requested: int | None, plan_max: int, remaining: int) -> int:

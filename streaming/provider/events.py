@@ -22,10 +22,10 @@ TEXT_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
 
 
 class Event:
-    """One payload and what it holds. `tokens`: completion tokens it carries, as metered (quotas' chunk_tokens;
-    a tool-call delta counts one). `begins_answer`: the answer has begun (or ended) with it, so that a stream
-    may be handed to the client: text, a tool or function call, a finish reason, usage, [DONE] — and anything
-    that is not a chunk, which is the relay's to report."""
+    """One payload and what it holds. `tokens`: completion tokens it carries, as metered (quotas' chunk_tokens: the
+    o200k_base tokens of its text, at least one per field that carries any). `begins_answer`: the answer has begun
+    (or ended) with it, so that a stream may be handed to the client: text, a tool or function call, a finish
+    reason, usage, [DONE] — and anything that is not a chunk, which is the relay's to report."""
 
     __slots__ = ("data", "kind", "tokens", "usage", "has_choices", "begins_answer", "finished")
 
@@ -83,11 +83,12 @@ def classify(data: bytes) -> Event:
 
 
 def _call_tokens(function) -> int:
-    """A tool or function call delta: its name and the piece of its arguments it carries, at least one token."""
+    """A tool or function call delta: the tokens of its name and of the piece of its arguments it carries, at least
+    one (the delta that opens a call may carry only its id)."""
     if not isinstance(function, dict):
         return 1
-    text = " ".join(part for part in (function.get("name"), function.get("arguments")) if isinstance(part, str))
-    return chunk_tokens(text) if text.strip() else 1
+    return max(1, sum(chunk_tokens(part) for part in (function.get("name"), function.get("arguments"))
+                      if isinstance(part, str) and part))
 
 
 class SSEParser:

@@ -9,6 +9,10 @@ It writes deterministic text at a configurable rate and can be told (``POST /con
 reports what it produced, how long its writes were blocked by a reader that stopped reading
 (backpressure), and which requests saw their connection closed by the gateway. Alone, these are open (a
 developer tool on 127.0.0.1); mounted in a gateway they need its SIMULATOR_CONTROL_TOKEN (``control_token``).
+
+Like a real provider, it reports usage counted with its model's tokenizer: o200k_base (OpenAI's current models), in
+quicktok's implementation, which is not the gateway's (tiktoken, quotas/domain/tokens.py), so the gateway's meter is
+checked against a count it did not make. Each streamed delta is one token, as OpenAI streams.
 """
 
 import asyncio
@@ -16,12 +20,14 @@ import hmac
 import itertools
 import json
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
+# Each " word" is one o200k_base token (tests/quotas/domain/test_tokens.py checks it): a delta per token.
 WORDS = (
-    "the quick brown fox jumps over a lazy dog while sluice keeps every stream "
+    "the quick brown fox jumps over a lazy dog while the gateway keeps every stream "
     "within its budget and every reader gets each token in order"
 ).split()
 # A write that waits longer than this counts as blocked by backpressure.
@@ -35,7 +41,9 @@ class Control:
     tokens_per_second: float = 0.0  # 0: as fast as the reader takes them
     ttft_seconds: float = 0.0
     default_tokens: int = 48  # completion length when the request sets no max_tokens
-    token_padding: int = 0  # extra characters per token, to make large streams cheaply
+    # Characters added to each token's chunk, to make large streams cheaply: in its `obfuscation` field, where OpenAI
+    # pads its chunks (stream_options.include_obfuscation), so they cost bytes and no tokens.
+    token_padding: int = 0
     fail_429_rate: float = 0.0
     retry_after_seconds: float = 1.0
     fail_500_rate: float = 0.0
@@ -92,14 +100,38 @@ class State:
         return described
 
 
+_tokenizer = None
+_tokenizer_lock = threading.Lock()
+
+
+def tokenizer():
+    """The simulated model's tokenizer, loaded when the simulator is first used (~0.4 s, ~65 MB; quicktok holds the GIL
+    meanwhile): not at import, since a gateway's process imports this module even when a real provider is
+    configured, and then never needs it."""
+    global _tokenizer
+    with _tokenizer_lock:
+        if _tokenizer is None:
+            import quicktok
+
+            _tokenizer = quicktok.get_encoding("o200k_base")
+        return _tokenizer
+
+
+def count_tokens(text: str) -> int:
+    return len(tokenizer().encode_ordinary(text))
+
+
 def count_prompt_tokens(messages):
-    """The simulator's own tokenizer: whitespace-separated words, plus 3 per message."""
-    total = 0
+    """The prompt as OpenAI counts it: 3 tokens per message, its string fields' tokens (+1 for a name), the text of
+    its content parts, and 3 to prime the reply."""
+    total = 3
     for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        total += 3 + len(str(content or "").split())
+        total += 3
+        for key, value in (message.items() if isinstance(message, dict) else ()):
+            if isinstance(value, str):
+                total += count_tokens(value) + (key == "name")
+            elif key == "content" and isinstance(value, list):
+                total += sum(count_tokens(str(p.get("text", ""))) for p in value if isinstance(p, dict))
     return total
 
 
@@ -120,6 +152,10 @@ class Simulator:
             return await self._lifespan(receive, send)
         if scope["type"] != "http":
             return
+        if _tokenizer is None:
+            # Mounted in a gateway (no lifespan): loaded by the first request of any kind, answered once it is — a
+            # test's first reset or switch, usually, rather than its first completion.
+            await asyncio.to_thread(tokenizer)
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
@@ -166,6 +202,7 @@ class Simulator:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                await asyncio.to_thread(tokenizer)  # standalone: ready before the first request
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
@@ -213,7 +250,7 @@ class Simulator:
                 text = "".join(self._token(i, control) for i in range(n_tokens))
                 record.tokens_sent = n_tokens
                 record.finished = True
-                return await _json(send, 200, _completion(record.id, model, text, prompt_tokens, n_tokens))
+                return await _json(send, 200, _completion(record.id, model, text, prompt_tokens, count_tokens(text)))
             await self._stream(receive, send, record, request, model, n_tokens, prompt_tokens)
         finally:
             state.in_flight -= 1
@@ -256,6 +293,9 @@ class Simulator:
             await write(_sse(head + '{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'))
             interval = 1.0 / control.tokens_per_second if control.tokens_per_second else 0.0
             next_at = time.perf_counter()
+            padding = ',"obfuscation":"' + "." * control.token_padding + '"' if control.token_padding else ""
+            encode = tokenizer().encode_ordinary
+            completion_tokens = 0
             for i in range(n_tokens):
                 if disconnected.is_set():
                     record.disconnected = True
@@ -279,14 +319,16 @@ class Simulator:
                 else:
                     # A send() that does not block does not yield either: let the disconnect watcher run.
                     await asyncio.sleep(0)
-                token = json.dumps(self._token(i, control))
-                await write(_sse(f'{head}{{"index":0,"delta":{{"content":{token}}},"finish_reason":null}}]}}'))
+                token = self._token(i, control)
+                await write(_sse(f'{head}{{"index":0,"delta":{{"content":{json.dumps(token)}}},"finish_reason":null}}]'
+                                 f'{padding}}}'))
                 record.tokens_sent += 1
+                completion_tokens += len(encode(token))
             finish = "length" if n_tokens < control.default_tokens else "stop"
             await write(_sse(f'{head}{{"index":0,"delta":{{}},"finish_reason":"{finish}"}}]}}'))
             if (request.get("stream_options") or {}).get("include_usage"):
                 usage_chunk = {"id": record.id, "object": "chat.completion.chunk", "created": created,
-                               "model": model, "choices": [], "usage": _usage(prompt_tokens, n_tokens)}
+                               "model": model, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
                 await write(_sse(json.dumps(usage_chunk)))
             await write(b"data: [DONE]\n\n")
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -300,8 +342,7 @@ class Simulator:
             watcher.cancel()
 
     def _token(self, i, control):
-        word = WORDS[(i + control.seed) % len(WORDS)]
-        return f" {word}{'.' * control.token_padding}"
+        return f" {WORDS[(i + control.seed) % len(WORDS)]}"
 
 
 def _watch_disconnect(receive):

@@ -9,6 +9,9 @@ Each reproduces a wire format seen from real servers (issue 14's findings), byte
     ignores-max-tokens  streams three times the max_tokens it was sent
     reasoning           streams `delta.reasoning` (vLLM >= 0.17, OpenRouter) before `delta.content`
     rejects             answers 400 with OpenAI's error JSON naming a field it refuses (and a URL and a key of its own)
+    recorded-<sample>   a sample of the recorded corpus (tests/quotas/domain/corpus/: english, python, chinese,
+                        japanese, tool_calls) in bursts of 2-8 tokens, as servers that flush several tokens at once send
+                        them, whatever max_tokens says; usage is the sample's recorded count (none: `-no-usage`)
 
 Served in a process of its own: `python -m uvicorn tests.support.dialects:app --port N`. Every answer is made of
 the word " tok" repeated (one token per chunk, as most servers stream), `max_tokens` of them (default 20).
@@ -46,6 +49,9 @@ async def app(scope, receive, send):
             "message": "Invalid value for 'temperature': must be at most 2 (see https://internal.provider.example/docs "
                        "for key sk-proj-abcdefghijkl)", "type": "invalid_request_error", "param": "temperature",
             "code": None}})
+        return
+    if dialect.startswith("recorded-"):
+        await _recorded(send, request, dialect)
         return
     wanted = request.get("max_completion_tokens") or request.get("max_tokens") or 20
     prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in request.get("messages", []))
@@ -89,6 +95,34 @@ async def app(scope, receive, send):
                                     "created": 1700000000, "model": dialect, "choices": [], "usage": usage}).encode())
         if dialect not in ("no-done",):
             await event(b"[DONE]")
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _recorded(send, request, dialect):
+    from tests.quotas.domain import corpus
+
+    sample = corpus.samples()[dialect.removeprefix("recorded-").removesuffix("-no-usage")]
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+
+    async def event(payload):
+        await send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n", "more_body": True})
+
+    def chunk(**fields):
+        return json.dumps({"id": "chatcmpl-corpus", "object": "chat.completion.chunk", "created": 1767225600,
+                           "model": dialect, **fields}).encode()
+
+    await event(chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+    for payload in corpus.chunks(sample, "burst", model=dialect):
+        await event(payload)
+        await asyncio.sleep(0)
+    finish = "tool_calls" if "calls" in sample else "stop"
+    await event(chunk(choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
+    if (request.get("stream_options") or {}).get("include_usage") and not dialect.endswith("-no-usage"):
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in request.get("messages", []))
+        await event(chunk(choices=[], usage={"prompt_tokens": prompt_tokens, "completion_tokens": sample["count"],
+                                             "total_tokens": prompt_tokens + sample["count"]}))
+    await event(b"[DONE]")
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -86,7 +86,8 @@ def test_two_processes_share_one_limit(redis_url, make_user):
         assert statuses.count((200, None)) == 10
         assert set(statuses[10:]) == {(429, "rate_limit_exceeded")}
         quota = httpx2.get(second.api_url + "/quota", headers={"Authorization": f"Bearer {caller.key}"}).json()
-        assert quota["tokens"]["day"]["used"] == 10 * (20 + 4)  # 20 completion + 4 prompt tokens each
+        # 20 completion + 8 prompt tokens each (3 to prime the reply, 3 for the message, "user" 1, "count" 1).
+        assert quota["tokens"]["day"]["used"] == 10 * (20 + 8)
         assert quota["requests"]["remaining"] == 0
 
 
@@ -179,14 +180,14 @@ def test_flushing_redis_mid_window_keeps_every_quota(redis_url, make_user):
                                    json={"model": "sim-small", "messages": MESSAGES, "max_tokens": 40})
             assert response.status_code == 200
         used = httpx2.get(gateway.api_url + "/quota", headers=headers).json()["tokens"]["day"]["used"]
-        assert used == 5 * 44
+        assert used == 5 * (40 + 8)
         redis.Redis.from_url(redis_url).flushdb()
         # Rebuilt from the ledger, not reset.
         quota = httpx2.get(gateway.api_url + "/quota", headers=headers).json()
         assert quota["tokens"]["day"]["used"] == used and quota["tokens"]["month"]["used"] == used
         response = httpx2.post(gateway.api_url + "/chat/completions", headers=headers, timeout=30,
                                json={"model": "sim-small", "messages": MESSAGES, "max_tokens": 200})
-        # What was left (less the prompt's conservative estimate), no more.
+        # What was left (less the prompt's 8 tokens), no more.
         assert 300 - used - 10 <= response.json()["usage"]["completion_tokens"] <= 300 - used - 4
         final = httpx2.get(gateway.api_url + "/quota", headers=headers).json()["tokens"]["day"]["used"]
         assert used < final <= 300

@@ -48,14 +48,29 @@ def test_december_rolls_into_next_year():
     assert month.end == datetime(2027, 1, 1, tzinfo=month.end.tzinfo)
 
 
-def test_token_estimate_is_at_least_the_simulators_word_count():
-    text = "Hello, world! Supercalifragilistic words count more."
-    assert policy.estimate_tokens(text) >= len(text.split())
+def test_text_is_counted_in_o200k_base_tokens():
+    assert policy.estimate_tokens("Hello, world!") == 4  # "Hello" "," " world" "!"
+    assert policy.estimate_tokens("日本語") == 2
     assert policy.estimate_tokens("") == 0
-    assert policy.estimate_prompt_tokens([{"role": "user", "content": "hi"}]) == 3 + 4 + 1
 
 
-def test_chunk_tokens_counts_one_per_chunk_or_its_words():
+def test_the_prompt_is_counted_as_openai_frames_it():
+    # 3 to prime the reply; per message 3, its role, its content.
+    assert policy.estimate_prompt_tokens([{"role": "user", "content": "hi"}]) == 3 + (3 + 1 + 1)
+    messages = [
+        {"role": "system", "content": "You are terse."},  # 3 + 1 + 4
+        {"role": "user", "name": "alice", "content": [{"type": "text", "text": "Describe it:"},  # 3 + 1 + (1 + 1) + 3
+                                                      {"type": "image_url", "image_url": {"url": "https://x.test/a"}}]},
+        {"role": "assistant", "content": None,  # 3 + 1 + "get_weather" 2 + its arguments 5
+         "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},  # 3 + 1 + 3 + 2
+    ]
+    assert policy.estimate_prompt_tokens(messages) == (3 + (3 + 1 + 4) + (3 + 1 + 2 + 3 + policy.NON_TEXT_PART_TOKENS)
+                                                       + (3 + 1 + 2 + 5) + (3 + 1 + 3 + 2))
+
+
+def test_a_streamed_delta_counts_its_tokens_and_at_least_one():
     assert policy.chunk_tokens(" the") == 1
     assert policy.chunk_tokens("") == 1
     assert policy.chunk_tokens(" three small words") == 3

@@ -27,7 +27,8 @@ def test_sync_streaming_with_usage(sim, make_user):
         stream_options={"include_usage": True}))
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == 5
-    assert chunks[-1].usage.prompt_tokens == 3 + 3  # the simulator's count: 3 words + 3 per message
+    # The simulator's count, as OpenAI's: 3 to prime the reply, 3 per message, "user" 1, "say five words" 3.
+    assert chunks[-1].usage.prompt_tokens == 3 + 3 + 1 + 3
 
 
 def test_sync_non_streaming(sim, make_user):
@@ -85,7 +86,7 @@ def test_usage_is_recorded_in_the_ledger(sim, make_user):
     list(response.parse())
     request_id = response.headers["x-request-id"]
     row = settled_row(request_id)
-    assert (row.status, row.completion_tokens, row.prompt_tokens, row.usage_reported) == ("completed", 6, 4, True)
+    assert (row.status, row.completion_tokens, row.prompt_tokens, row.usage_reported) == ("completed", 6, 8, True)
     assert row.bytes_sent > 0 and row.time_to_first_token_ms is not None
 
 

@@ -12,14 +12,15 @@ ROLE = b'{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}
     (b'{"choices": [{"index": 0, "delta": {"content": " the"}}]}', CHUNK, 1, True),
     (b'{"choices": [{"index": 0, "delta": {"content": " three more words"}}]}', CHUNK, 3, True),
     # Reasoning under both names (vLLM >= 0.17 and OpenRouter: reasoning; earlier vLLM, DeepSeek: reasoning_content)
-    # and refusals are metered like the answer.
+    # and refusals are metered like the answer: their o200k_base tokens ("hmm" is "h" + "mm").
     (b'{"choices": [{"index": 0, "delta": {"reasoning": "let me think"}}]}', CHUNK, 3, True),
-    (b'{"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}', CHUNK, 1, True),
+    (b'{"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}', CHUNK, 2, True),
     (b'{"choices": [{"index": 0, "delta": {"refusal": "I cannot"}}]}', CHUNK, 2, True),
-    # Tool-call deltas count their name and argument text, at least one each (Ollama sends every call with index 0).
+    # Tool-call deltas count the tokens of their name and argument text, at least one per call (Ollama sends every call
+    # with index 0): "get_weather" is 2 tokens, its arguments 13.
     (b'{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]}', CHUNK, 1, True),
     (b'{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "get_weather", '
-     b'"arguments": "{\\"city\\": \\"Paris\\", \\"unit\\": \\"celsius\\"}"}}]}}]}', CHUNK, 5, True),
+     b'"arguments": "{\\"city\\": \\"Paris\\", \\"unit\\": \\"celsius\\"}"}}]}}]}', CHUNK, 15, True),
     (b'{"choices": [{"index": 0, "delta": {"function_call": {"name": "f"}}}]}', CHUNK, 1, True),
     (b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}', CHUNK, 0, True),
     (b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0}}', CHUNK, 0, True),

@@ -92,11 +92,12 @@ def test_a_slow_reader_gets_every_byte_in_order_and_keeps_its_connection(upstrea
         chunks.append(data)
         time.sleep(0.002)  # the slow reader under test, not a synchronisation
     payload = dechunk(b"".join(chunks))
-    contents = [json.loads(line[6:])["choices"][0]["delta"].get("content")
-                for line in payload.split(b"\n") if line.startswith(b"data: {") and b'"choices":[{' in line]
-    words = [c for c in contents if c]
-    assert len(words) == tokens
-    assert words == [f" {WORDS[i % len(WORDS)]}{'.' * PADDING}" for i in range(tokens)]
+    events = [json.loads(line[6:]) for line in payload.split(b"\n")
+              if line.startswith(b"data: {") and b'"choices":[{' in line]
+    padded = [(e["choices"][0]["delta"]["content"], e["obfuscation"]) for e in events if e.get("obfuscation")]
+    assert len(padded) == tokens
+    # The padding rides in each chunk's `obfuscation` field (as OpenAI's does): bytes, not tokens.
+    assert padded == [(f" {WORDS[i % len(WORDS)]}", "." * PADDING) for i in range(tokens)]
     row = settled_row(request_id)
     assert row.status == "completed" and row.completion_tokens == tokens and row.backpressure_pauses > 0
 
