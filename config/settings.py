@@ -166,6 +166,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = max(SLUICE_MAX_BODY_BYTES, 2_621_440)
 # Paths whose requests need `Authorization: Bearer`: the Daphne server answers 401 to one with a body but no such
 # header before reading the body (streaming/server/intake.py).
 SERVER_KEYED_PATH_PREFIXES = ("/v1/",)
+# Seconds a request's body may take to arrive once its headers are in (the Daphne server answers 408 past it; a
+# slow trickle resets no timer).
+SERVER_BODY_TIMEOUT = env_float("SERVER_BODY_TIMEOUT", 30.0)
 
 # Streaming and backpressure (docs/backpressure.md).
 STREAM_BUFFER_BYTES = env_int("STREAM_BUFFER_BYTES", 32 * 1024)

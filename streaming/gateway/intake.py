@@ -17,6 +17,7 @@ The Daphne server reads a body before it starts the application: streaming/serve
 one, or one without a key under /v1/, before reading it.
 """
 
+import asyncio
 import json
 import uuid
 
@@ -66,25 +67,43 @@ class Intake:
 
 class _BodyLimit:
     """Counts the body as the application receives it; past the limit, answers 413 and tells the application the
-    client has gone (Django then stops quietly, RequestAborted: it reads the whole body before it answers)."""
+    client has gone (Django then stops quietly, RequestAborted: it reads the whole body before it answers). A body
+    that has not arrived within SERVER_BODY_TIMEOUT gets 408 the same way (under Uvicorn; the Daphne server has the
+    whole body before the application starts, and its own deadline)."""
 
     def __init__(self, receive, send, limit, error, request_id):
         self._receive, self._send = receive, send
         self.limit, self.error, self.request_id = limit, error, request_id
         self.received = 0
         self.refused = False
+        self.complete = False
+        self.deadline = None
 
     async def receive(self):
         if self.refused:
             return {"type": "http.disconnect"}
-        message = await self._receive()
+        if self.complete:  # Django listens for the client's disconnect while it answers: no deadline on that
+            return await self._receive()
+        if self.deadline is None:
+            self.deadline = asyncio.get_running_loop().time() + settings.SERVER_BODY_TIMEOUT
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                message = await self._receive()
+        except TimeoutError:
+            return await self._refuse(ApiError(
+                f"The request body did not arrive within {settings.SERVER_BODY_TIMEOUT:g} s.", status=408,
+                code="request_timeout"))
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if self.received > self.limit:
-                self.refused = True
-                await _send_error(self._send, self.error, self.request_id)
-                return {"type": "http.disconnect"}
+                return await self._refuse(self.error)
+            self.complete = not message.get("more_body", False)
         return message
+
+    async def _refuse(self, error):
+        self.refused = True
+        await _send_error(self._send, error, self.request_id)
+        return {"type": "http.disconnect"}
 
 
 class _Named:

@@ -29,17 +29,23 @@ from twisted.internet import reactor
 
 MAX_BODY_BYTES = 2_621_440  # Django's default DATA_UPLOAD_MAX_MEMORY_SIZE
 LINGER_SECONDS = 2.0
+# How long a request's body may take to arrive once its headers are in (settings.SERVER_BODY_TIMEOUT): a client that
+# announces a length it never sends, or trickles a byte now and then (Twisted's own timeout is on idleness, 60 s,
+# and any byte resets it), gets 408 instead of holding a connection and its buffer for ever.
+BODY_TIMEOUT_SECONDS = 30.0
 
 _MISSING_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
 
 
 def _settings():
-    """(max body bytes or None, keyed path prefixes) from Django's settings when the application has them."""
+    """(max body bytes or None, keyed path prefixes, body timeout) from Django's settings when the application has
+    them."""
     from django.conf import settings
 
     if not settings.configured:
-        return MAX_BODY_BYTES, ()
-    return settings.DATA_UPLOAD_MAX_MEMORY_SIZE, tuple(getattr(settings, "SERVER_KEYED_PATH_PREFIXES", ()))
+        return MAX_BODY_BYTES, (), BODY_TIMEOUT_SECONDS
+    return (settings.DATA_UPLOAD_MAX_MEMORY_SIZE, tuple(getattr(settings, "SERVER_KEYED_PATH_PREFIXES", ())),
+            getattr(settings, "SERVER_BODY_TIMEOUT", BODY_TIMEOUT_SECONDS))
 
 
 def json_error(status: int, message: str, code: str, type_: str = "invalid_request_error", head=False) -> bytes:
@@ -62,9 +68,10 @@ class BoundedRequest(WebRequest):
     _refused = False
     _received = 0
     _limit = None
+    _body_deadline = None
 
     def gotLength(self, length):
-        limit, keyed_prefixes = _settings()
+        limit, keyed_prefixes, body_timeout = _settings()
         self._limit = limit
         # The request target, as the channel parsed it from the request line (the Request learns it only once the
         # body is in: requestReceived). A private attribute of Twisted's HTTPChannel: docs/architecture.md.
@@ -77,7 +84,15 @@ class BoundedRequest(WebRequest):
             return self._refuse(json_error(401, _MISSING_KEY, "invalid_api_key", head=_is_head(self.channel)))
         if limit is not None and length is not None and length > limit:
             return self._refuse(_too_large(limit, _is_head(self.channel)))
+        if has_body and body_timeout:
+            self._body_deadline = reactor.callLater(body_timeout, self._body_too_slow, body_timeout)
         super().gotLength(length)
+
+    def _body_too_slow(self, body_timeout):
+        self._body_deadline = None
+        if not self._refused:
+            self._refuse(json_error(408, f"The request body did not arrive within {body_timeout:g} s.",
+                                    "request_timeout", head=_is_head(self.channel)))
 
     def handleContentChunk(self, data):
         if self._refused:
@@ -88,11 +103,23 @@ class BoundedRequest(WebRequest):
         super().handleContentChunk(data)
 
     def requestReceived(self, command, path, version):
+        self._cancel_deadline()
         if not self._refused:
             super().requestReceived(command, path, version)
 
+    def connectionLost(self, reason):
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self):
+        if self._body_deadline is not None:
+            if self._body_deadline.active():
+                self._body_deadline.cancel()
+            self._body_deadline = None
+
     def _refuse(self, response: bytes):
         self._refused = True
+        self._cancel_deadline()
         content = getattr(self, "content", None)
         if content is not None:
             content.close()  # what was read of a chunked body: dropped (a temporary file is deleted)

@@ -24,7 +24,7 @@ CHAT = b'{"model": "sim-small", "max_tokens": 1, "messages": [{"role": "user", "
 
 @pytest.fixture(scope="module", params=["daphne", "uvicorn"])
 def server(request, django_db_setup, django_db_blocker):
-    with gateway_server(request.param, TMPDIR=_tmpdir(request.param)) as running:
+    with gateway_server(request.param, TMPDIR=_tmpdir(request.param), SERVER_BODY_TIMEOUT=2) as running:
         running.kind = request.param
         yield running
 
@@ -133,6 +133,16 @@ def test_a_chunked_body_is_cut_off_at_the_limit_not_read_in_full(server, make_us
     # The server answered once it had read past the limit; what the client got to send beyond it is what the
     # sockets' buffers held (a few MB on loopback), nowhere near the 100 MB.
     assert sent < settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 16 * 1024 * 1024, sent
+
+
+def test_a_body_that_never_comes_gets_a_408(server, make_user):
+    # Headers announcing 100 bytes, then 10 of them, then nothing: the server answers within SERVER_BODY_TIMEOUT
+    # (2 s here) instead of holding the connection until the client gives up.
+    account = make_user()
+    with socket.create_connection(("127.0.0.1", server.server.port), timeout=10) as sock:
+        sock.sendall(post_head(b"/v1/chat/completions", 100, key=account.key) + b'{"model": ')
+        answer = read_answer(sock, timeout=8)
+    assert error_code(answer, 408) == "request_timeout"
 
 
 def test_nothing_of_a_refused_body_stays_on_disk(server, make_user):
