@@ -216,6 +216,7 @@ class AuditEntry(models.Model):
         WINDOW_RESET = "window_reset", "window reset"
         KEY_CREATED = "key_created", "API key created"
         KEY_REVOKED = "key_revoked", "API key revoked"
+        KEY_DELETED = "key_deleted", "API key deleted"
 
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     at = models.DateTimeField(default=timezone.now, db_index=True)

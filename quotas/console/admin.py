@@ -1,4 +1,6 @@
-"""The operators' admin: limits (plans, per-user quotas), API keys, the usage ledger, the audit trail.
+"""The operators' admin: limits (plans, per-user quotas, the quota on a user's page) here; API keys in keys.py, the
+usage ledger and the audit trail in ledger.py; shared behaviour in common.py (quotas/apps.py imports this module,
+which imports the others).
 
 A thin interface: limits are read from the database on every request, so what is saved here applies
 to the next request without a restart (and to running streams at their next lease). Every change to
@@ -6,6 +8,7 @@ who may use what is written to the audit trail. The usage dashboard and the chan
 figures are read in quotas/console/dashboard.py.
 """
 
+import json
 import zoneinfo
 
 from django import forms
@@ -14,58 +17,31 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
-from django.db import transaction
-from django.db.models import Count, Q
-from django.http import QueryDict
+from django.db.models import Count
 from django.template.response import TemplateResponse
-from django.urls import path, reverse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timeuntil
 
 from ..domain import operations
 from ..domain.policy import LIMIT_FIELDS, Limits, calendar_windows
-from ..models import ApiKey, AuditEntry, DailyUsage, Plan, Usage, UserQuota
+from ..models import AuditEntry, Plan, UserQuota
 from ..store import StoreUnavailable
-from . import dashboard
+from . import dashboard, display, keys, ledger  # noqa: F401 (keys and ledger register their pages)
+from .common import AuditedAdmin, NulFree
 
 Action = AuditEntry.Action
 User = get_user_model()
 QUOTA_FIELDS = ("plan", *LIMIT_FIELDS, "suspended", "timezone")
 
-
-# Shared behaviour ------------------------------------------------------------------------------
-
-
-def without_nul(text):
-    # PostgreSQL refuses NUL characters in any text parameter (a 500), and no stored text contains one.
-    return text.replace("\x00", "")
-
-
-class NulFree:
-    """Changelist parameters (search, filters, any lookup) and autocomplete terms without NUL characters."""
-
-    def get_search_results(self, request, queryset, search_term):
-        # The autocomplete of fields pointing here searches with its own term.
-        return super().get_search_results(request, queryset, without_nul(search_term))
-
-    def changelist_view(self, request, extra_context=None):
-        if any("\x00" in key or any("\x00" in value for value in values) for key, values in request.GET.lists()):
-            cleaned = QueryDict(mutable=True)
-            for key, values in request.GET.lists():
-                cleaned.setlist(without_nul(key), [without_nul(value) for value in values])
-            request.GET = cleaned
-        return super().changelist_view(request, extra_context)
-
-
-class AuditedAdmin(NulFree, admin.ModelAdmin):
-    audited_fields = ()
-
-    def save_model(self, request, obj, form, change):
-        before = type(obj)._default_manager.get(pk=obj.pk) if change else None
-        super().save_model(request, obj, form, change)
-        if entry := AuditEntry.for_save(request.user, before, obj, self.audited_fields):
-            entry.save()
+# The site's name in its header, its pages' titles and its front page (issue 19, item 6).
+admin.site.site_header = "Sluice"
+admin.site.site_title = "Sluice admin"
+admin.site.index_title = "Operations"
+# The tables get the page's width at 1280 px (issue 19, item 8): the left-hand model list took 300 px of it, and the
+# breadcrumbs and the front page lead everywhere it did.
+admin.site.enable_nav_sidebar = False
 
 
 class TimezoneSelect:
@@ -122,6 +98,41 @@ class UserQuotaForm(AllowedModelsForm):
         model = UserQuota
         fields = "__all__"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.instance.plan_id and "plan" not in self.initial:
+            # A new record starts on the default plan (what the user is on without one), so its values show at once.
+            self.initial["plan"] = Plan.objects.filter(is_default=True).values_list("pk", flat=True).first()
+        self.show_plan_values()
+
+    def show_plan_values(self):
+        """Beside each override, the plan's value that a blank one takes ("plan: 10,000"): as the placeholder and in
+        the help text, for the plan chosen now; templates/admin/quotas/includes/plan_values.js follows the plan select
+        (issue 19, item 6)."""
+        values = {str(plan.pk): plan_values(plan) for plan in self.fields["plan"].queryset}
+        select = self.fields["plan"].widget
+        # The select itself: the admin's related-object wrapper around it shares its class-level attrs across forms.
+        select = getattr(select, "widget", select)
+        select.attrs["data-plan-values"] = json.dumps(values)
+        plan_id = self.data.get(self.add_prefix("plan")) if self.is_bound else self.initial.get("plan")
+        chosen = values.get(str(plan_id), {})
+        for name in LIMIT_FIELDS:
+            field, shown = self.fields[name], chosen.get(name)
+            help_id = self.html_id(name)
+            field.widget.attrs.update({"data-plan-select": self.html_id("plan"), "data-plan-field": name,
+                                       "data-plan-help": help_id})
+            if shown and name != "allowed_models":
+                field.widget.attrs["placeholder"] = f"plan: {shown}"
+            value = format_html('<span class="sluice-plan-value" data-plan-value="{}">{}</span>', help_id,
+                                f"plan: {shown}" if shown else "")
+            field.help_text = format_html("{} {}", field.help_text, value) if field.help_text else value
+
+    def html_id(self, name):
+        # The id a field's BoundField will have (BoundField.auto_id), without making that BoundField now: it copies
+        # the field's help text when it is made.
+        name = self.add_prefix(name)
+        return self.auto_id % name if "%s" in str(self.auto_id) else name if self.auto_id else ""
+
     def extra_choices(self):
         return [(self.EVERY_MODEL, "every configured model, whatever the plan allows")]
 
@@ -137,17 +148,15 @@ class UserQuotaForm(AllowedModelsForm):
         return []
 
 
-class ReadOnlyAdmin(NulFree, admin.ModelAdmin):
-    """Records written by the gateway or by other admin pages: viewable, never edited here."""
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+def plan_values(plan):
+    """A plan's limits as the override fields show them."""
+    values = {name: display.number(getattr(plan, name)) for name in LIMIT_FIELDS if name != "allowed_models"}
+    models = plan.allowed_models
+    if not isinstance(models, list):
+        values["allowed_models"] = "no model (its stored value is not a list)"  # fails closed: see AllowedModelsForm
+    else:
+        values["allowed_models"] = ", ".join(map(str, models)) or "every configured model"
+    return values
 
 
 # Limits ----------------------------------------------------------------------------------------
@@ -157,8 +166,8 @@ class ReadOnlyAdmin(NulFree, admin.ModelAdmin):
 class PlanAdmin(AuditedAdmin):
     form = PlanForm
     audited_fields = (*LIMIT_FIELDS, "is_default")
-    list_display = ["name", "is_default", "tokens_per_day", "tokens_per_month", "requests_per_minute",
-                    "concurrent_streams", "max_tokens_per_request", "users"]
+    list_display = ["name", "default", "per_day", "per_month", "per_minute", "at_once", "per_request", "models",
+                    "users"]
     search_fields = ["name"]
 
     def get_queryset(self, request):
@@ -166,7 +175,35 @@ class PlanAdmin(AuditedAdmin):
 
     @admin.display(ordering="user_count")
     def users(self, plan):
-        return plan.user_count
+        return display.number(plan.user_count)
+
+    @admin.display(ordering="is_default", description="default")
+    def default(self, plan):
+        return display.badge("default", "info") if plan.is_default else ""
+
+    @admin.display(ordering="tokens_per_day", description="tokens per day")
+    def per_day(self, plan):
+        return display.number(plan.tokens_per_day)
+
+    @admin.display(ordering="tokens_per_month", description="tokens per month")
+    def per_month(self, plan):
+        return display.number(plan.tokens_per_month)
+
+    @admin.display(ordering="requests_per_minute", description="requests per minute")
+    def per_minute(self, plan):
+        return display.number(plan.requests_per_minute)
+
+    @admin.display(ordering="concurrent_streams", description="streams at once")
+    def at_once(self, plan):
+        return display.number(plan.concurrent_streams)
+
+    @admin.display(ordering="max_tokens_per_request", description="max tokens per request")
+    def per_request(self, plan):
+        return display.number(plan.max_tokens_per_request)
+
+    @admin.display(description="models")
+    def models(self, plan):
+        return plan_values(plan)["allowed_models"]
 
 
 class ChangePlanForm(forms.Form):
@@ -177,8 +214,7 @@ class ChangePlanForm(forms.Form):
 class UserQuotaAdmin(TimezoneSelect, AuditedAdmin):
     form = UserQuotaForm
     audited_fields = QUOTA_FIELDS
-    list_display = ["user", "email", "plan", "suspended", "today", "left_today", "this_month", "left_this_month",
-                    "limits", "ledger"]
+    list_display = ["user", "plan", "state", "today", "this_month", "limits", "ledger"]
     list_filter = ["plan", "suspended"]
     list_select_related = ["user", "plan"]
     search_fields = ["user__username", "user__email"]
@@ -192,43 +228,38 @@ class UserQuotaAdmin(TimezoneSelect, AuditedAdmin):
     def get_queryset(self, request):
         return dashboard.with_window_usage(super().get_queryset(request), timezone.now())
 
-    @admin.display(ordering="user__email")
-    def email(self, quota):
-        return quota.user.email
+    @admin.display(description="status", ordering="suspended")
+    def state(self, quota):
+        # A badge, not Django's boolean icon: a green tick beside a suspended user read as "fine" (issue 19, item 8).
+        return display.badge("suspended", "bad") if quota.suspended else display.badge("active", "good")
 
     @admin.display(description="used today", ordering="day_used")
     def today(self, quota):
-        return self._used(quota, 0, quota.day_used)
-
-    @admin.display(description="left today")
-    def left_today(self, quota):
-        return self._left(quota, 0, quota.day_used)
+        return self._usage(quota, 0, quota.day_used)
 
     @admin.display(description="used this month", ordering="month_used")
     def this_month(self, quota):
-        return self._used(quota, 1, quota.month_used)
-
-    @admin.display(description="left this month")
-    def left_this_month(self, quota):
-        return self._left(quota, 1, quota.month_used)
+        return self._usage(quota, 1, quota.month_used)
 
     @admin.display(description="other limits")
     def limits(self, quota):
         limits = Limits.combine(quota.plan, quota)
-        return (f"{limits.requests_per_minute}/min, {limits.concurrent_streams} at once, "
-                f"{limits.max_tokens_per_request:,} per request")
+        return format_html('{}/min, {} at once,<div class="sluice-sub">{} per request</div>',
+                           display.number(limits.requests_per_minute), display.number(limits.concurrent_streams),
+                           display.number(limits.max_tokens_per_request))
 
     @staticmethod
     def _window(quota, which):
         """The quota's current day (0) or month (1) window, with its effective limit."""
         return calendar_windows(Limits.combine(quota.plan, quota), timezone.now())[which]
 
-    def _used(self, quota, which, used):
-        return f"{used:,} of {self._window(quota, which).limit:,}"
-
-    def _left(self, quota, which, used):
-        window, now = self._window(quota, which), timezone.now()
-        return f"{max(0, window.limit - used):,}, resets in {timeuntil(window.end, now)}"
+    def _usage(self, quota, which, used):
+        """"300 of 2,000", and under it the share used and when the window resets (what is left in the title)."""
+        window = self._window(quota, which)
+        share = f"{min(100, 100 * used // window.limit)}%" if window.limit else "–"
+        return format_html('<span title="{} left">{} of {}</span><div class="sluice-sub">{} · resets in {}</div>',
+                           display.number(max(0, window.limit - used)), display.number(used),
+                           display.number(window.limit), share, timeuntil(window.end, timezone.now(), depth=1))
 
     @admin.display(description="ledger")
     def ledger(self, quota):
@@ -264,126 +295,6 @@ class UserQuotaAdmin(TimezoneSelect, AuditedAdmin):
                                        "old counts stay until it is reset again.", messages.ERROR)
         else:
             self.message_user(request, f"The current windows of {count} user(s) start afresh.")
-
-
-# API keys --------------------------------------------------------------------------------------
-
-
-@admin.register(ApiKey)
-class ApiKeyAdmin(NulFree, admin.ModelAdmin):
-    list_display = ["prefix", "name", "user", "created_at", "last_used_at", "expires_at", "revoked_at", "active"]
-    list_filter = ["revoked_at", "expires_at"]
-    list_select_related = ["user"]
-    search_fields = ["prefix", "name", "user__username"]
-    autocomplete_fields = ["user"]
-    actions = ["revoke"]
-    add_fields = ["user", "name", "expires_at"]
-    fields = ["user", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
-    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
-
-    def get_fields(self, request, obj=None):
-        return self.add_fields if obj is None else self.fields
-
-    def get_readonly_fields(self, request, obj=None):
-        return () if obj is None else (*self.readonly_fields, "user")
-
-    @admin.display(boolean=True)
-    def active(self, key):
-        return key.is_active
-
-    def save_model(self, request, obj, form, change):
-        if change:
-            return super().save_model(request, obj, form, change)
-        obj.raw_key = obj.set_new_key()  # for response_add only; never stored
-        super().save_model(request, obj, form, change)
-        AuditEntry.entry(request.user, Action.KEY_CREATED, obj, new={
-            "user": obj.user.get_username(), "name": obj.name, "prefix": obj.prefix,
-            "expires_at": obj.expires_at.isoformat() if obj.expires_at else None}).save()
-
-    def response_add(self, request, obj, post_url_continue=None):
-        # The raw key goes into this response only: not into a message (a cookie or the session).
-        return TemplateResponse(request, "admin/quotas/apikey/issued.html", {
-            **self.admin_site.each_context(request), "opts": self.opts, "title": "API key created",
-            "key": obj, "raw_key": obj.raw_key,
-        })
-
-    @admin.action(description="Revoke the selected keys", permissions=["change"])
-    def revoke(self, request, queryset):
-        now = timezone.now()
-        with transaction.atomic():
-            keys = list(queryset.filter(revoked_at__isnull=True).select_related("user"))
-            ApiKey.objects.filter(pk__in=[k.pk for k in keys]).update(revoked_at=now)
-            AuditEntry.objects.bulk_create(
-                AuditEntry.entry(request.user, Action.KEY_REVOKED, k, {"revoked_at": None},
-                                 {"revoked_at": now.isoformat()}) for k in keys)
-        self.message_user(request, f"{len(keys)} key(s) revoked; they are refused from the next request on.")
-
-
-# The ledger and the audit trail ----------------------------------------------------------------
-
-
-class ModelFilter(admin.SimpleListFilter):
-    """Configured models and those in the daily rollups: a DISTINCT over the ledger would scan it all."""
-
-    title = "model"
-    parameter_name = "model"
-
-    def lookups(self, request, model_admin):
-        used = DailyUsage.objects.order_by().values_list("model", flat=True).distinct()
-        return [(name, name) for name in sorted({*settings.SLUICE_MODELS, *used}) if name]
-
-    def queryset(self, request, queryset):
-        return queryset.filter(model=without_nul(self.value())) if self.value() else queryset
-
-
-@admin.register(Usage)
-class UsageAdmin(ReadOnlyAdmin):
-    list_display = ["request_id", "user", "model", "status", "reason", "prompt_tokens", "completion_tokens",
-                    "started_at", "duration_ms", "backpressure_pauses", "counted"]
-    list_filter = ["status", ModelFilter, "counted"]
-    list_select_related = ["user"]
-    search_fields = ["=request_id", "=user__username"]
-    search_help_text = "An exact request id or username."
-    date_hierarchy = "started_at"
-    ordering = ["-started_at"]
-    # A million rows: no second COUNT(*) for the unfiltered total.
-    show_full_result_count = False
-
-    def get_search_results(self, request, queryset, search_term):
-        # The username is looked up first: an OR across the join to auth_user would scan the ledger.
-        term = without_nul(search_term).strip()
-        if not term:
-            return queryset, False
-        users = list(User.objects.filter(username=term).values_list("pk", flat=True))
-        return queryset.filter(Q(request_id=term) | Q(user_id__in=users)), False
-
-    def changelist_view(self, request, extra_context=None):
-        response = super().changelist_view(request, extra_context)
-        if getattr(response, "context_data", None) and "cl" in response.context_data:
-            # templates/admin/quotas/usage/change_list.html shows it in place of Django's drill-down.
-            response.context_data["calendar_hierarchy"] = dashboard.calendar_hierarchy(response.context_data["cl"])
-        return response
-
-    def get_urls(self):
-        return [path("dashboard/", self.admin_site.admin_view(self.dashboard_view), name="quotas_usage_dashboard"),
-                *super().get_urls()]
-
-    def dashboard_view(self, request):
-        return dashboard.render(request, self)
-
-
-@admin.register(AuditEntry)
-class AuditEntryAdmin(ReadOnlyAdmin):
-    list_display = ["at", "actor", "action", "target_type", "target_repr", "change"]
-    list_filter = ["action", "target_type"]
-    list_select_related = ["actor"]
-    search_fields = ["target_repr", "=actor__username"]
-    date_hierarchy = "at"
-
-    @admin.display(description="old → new")
-    def change(self, entry):
-        old, new = entry.old or {}, entry.new or {}
-        return "; ".join(f"{name}: {old.get(name, '–')} → {new.get(name, '–')}" for name in {**old, **new})
 
 
 # Users: the quota inline on Django's own user page --------------------------------------------

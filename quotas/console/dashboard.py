@@ -1,28 +1,33 @@
-"""What the admin reads about usage: the quota changelist's window figures and the usage dashboard.
+"""What the admin reads about usage: the quota changelist's window figures, the ledger's date drill-down, and the
+usage dashboard.
 
-The dashboard shows 30 days of tokens as an SVG bar chart rendered here (no CDN, no chart library),
-the top users and models from the daily rollups, refusals and upstream errors from the ledger (one
-grouped query each), and the live panel of running streams that streaming/gateway/live_panel.py pushes over a WebSocket (the
-page only: the console imports nothing from streaming).
+The dashboard covers a period the operator picks (today by hour, or whole UTC days): tokens per bucket from the
+daily rollups (the ledger, by hour, for one day), refusals, cuts and failures from the ledger in one grouped query
+that the cards, the tables and the rate chart all add up, first-token percentiles from the ledger, the top users and
+models from the rollups, each linked to the ledger filtered to them. The charts are SVG drawn here (charts.py; no
+CDN, no chart library). The live panel of running streams is pushed by streaming/gateway/live_panel.py over a
+WebSocket (the page only: the console imports nothing from streaming).
 """
 
 import calendar
 import zoneinfo
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from urllib.parse import urlencode
 
 from django.core.exceptions import PermissionDenied
-from django.db.models import Case, CharField, Count, DateField, F, Max, Min, OuterRef, Subquery, Sum, Value, When
-from django.db.models.functions import Coalesce
+from django.db.models import (Case, CharField, Count, DateField, F, IntegerField, Max, Min, OuterRef, Subquery, Sum,
+                              Value, When)
+from django.db.models.functions import Coalesce, TruncDate, TruncHour
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import formats, timezone
 
 from ..domain.selectors import CHARGED, TOKENS
 from ..models import DailyUsage, Usage, UserQuota
+from . import charts, display
 
-DAYS = 30
 TOP = 10
-CHART_WIDTH, CHART_HEIGHT = 720, 180
 
 
 # The quota changelist --------------------------------------------------------------------------
@@ -102,91 +107,257 @@ def _link(cl, **parts):
 # The dashboard ---------------------------------------------------------------------------------
 
 
+PRESETS = {"today": 1, "7d": 7, "30d": 30, "90d": 90}  # whole UTC days up to today
+DEFAULT_PRESET = "30d"
+MAX_DAYS = 366
+LIVE_STALE_SECONDS = 5  # the live panel says "stale" when no snapshot came for longer (one comes every second)
+# Ledger statuses the dashboard counts: refused before any answer; cut at the user's quota; failed (the provider,
+# the counter store, or the serving process).
+REFUSED = Usage.Status.REJECTED
+CUT = Usage.Status.QUOTA_EXHAUSTED
+FAILED = (Usage.Status.UPSTREAM_ERROR, Usage.Status.STORE_UNAVAILABLE, Usage.Status.WORKER_LOST)
+
+
 @dataclass(frozen=True)
-class Bar:
-    date: date
-    prompt_tokens: int
-    completion_tokens: int
-    x: float
-    width: float
-    prompt_y: float
-    prompt_height: float
-    completion_y: float
-    completion_height: float
-    label: str  # the date under every fifth bar
+class Period:
+    """Whole UTC days from `first` to `last` (included): by hour when it is one day, by day otherwise."""
+
+    first: date
+    last: date
+    preset: str  # a PRESETS key, or "" for dates the operator chose
 
     @property
-    def tokens(self):
-        return self.prompt_tokens + self.completion_tokens
+    def days(self):
+        return (self.last - self.first).days + 1
+
+    @property
+    def hourly(self):
+        return self.days == 1
+
+    @property
+    def start(self):
+        return datetime.combine(self.first, time.min, tzinfo=UTC)
+
+    @property
+    def end(self):
+        return datetime.combine(self.last + timedelta(days=1), time.min, tzinfo=UTC)
+
+    def buckets(self):
+        """Each bucket's start: a datetime per hour, or a date per day."""
+        if self.hourly:
+            return [self.start + timedelta(hours=h) for h in range(24)]
+        return [self.first + timedelta(days=d) for d in range(self.days)]
+
+    def describe(self):
+        if self.preset == "today":
+            return f"Today ({self.first:%Y-%m-%d}, UTC), by hour"
+        if self.hourly:
+            return f"{self.first:%Y-%m-%d} (UTC), by hour"
+        if self.preset:
+            return f"The last {self.days} days (UTC)"
+        return f"{self.first:%Y-%m-%d} to {self.last:%Y-%m-%d} (UTC)"
 
 
-@dataclass(frozen=True)
-class Chart:
-    bars: list
-    max_tokens: int
-    width: int
-    height: int
-    plot_height: int  # above the date labels
+def period_from(params, today: date) -> Period:
+    """The period a request asks for: ?range=today|7d|30d|90d, or ?from=YYYY-MM-DD&to=YYYY-MM-DD (at most MAX_DAYS,
+    none after today). Anything else: the default."""
+    first, last = _date(params.get("from")), _date(params.get("to"))
+    if first or last:
+        first, last = first or last, min(last or today, today)
+        first, last = sorted((min(first, today), last))
+        return Period(max(first, last - timedelta(days=MAX_DAYS - 1)), last, "")
+    preset = params.get("range") if params.get("range") in PRESETS else DEFAULT_PRESET
+    return Period(today - timedelta(days=PRESETS[preset] - 1), today, preset)
 
 
-def daily_totals(since: date):
-    """{date: row} of the rollups since `since`: one grouped query."""
-    rows = (DailyUsage.objects.filter(date__gte=since).values("date").order_by("date")
-            .annotate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), requests=Sum("requests"),
-                      refusals=Sum("refusals"), upstream_errors=Sum("upstream_errors")))
-    return {row["date"]: row for row in rows}
+def _date(text):
+    try:
+        return date.fromisoformat(text) if text else None
+    except ValueError:
+        return None
 
 
-def bar_chart(since: date, totals, days=DAYS, width=CHART_WIDTH, height=CHART_HEIGHT):
-    """Stacked bars (prompt below, completion above), one per day, scaled to the busiest day."""
-    dates = [since + timedelta(days=i) for i in range(days)]
-    peak = max((totals[d]["prompt"] + totals[d]["completion"] for d in dates if d in totals), default=0)
-    plot, slot = height - 20, width / days  # 20 px for the date labels
-    scale = plot / peak if peak else 0
-    bars = []
-    for i, day in enumerate(dates):
-        row = totals.get(day, {})
-        prompt, completion = row.get("prompt") or 0, row.get("completion") or 0
-        prompt_h, completion_h = prompt * scale, completion * scale
-        bars.append(Bar(day, prompt, completion, x=round(i * slot + 2, 1), width=round(slot - 4, 1),
-                        prompt_y=round(plot - prompt_h, 1), prompt_height=round(prompt_h, 1),
-                        completion_y=round(plot - prompt_h - completion_h, 1),
-                        completion_height=round(completion_h, 1),
-                        label=day.strftime("%m-%d") if (days - 1 - i) % 5 == 0 else ""))
-    return Chart(bars, peak, width, height, plot)
+def _bucket(period):
+    """The ledger's started_at truncated to the period's buckets (UTC, as the daily rollups)."""
+    return TruncHour("started_at", tzinfo=UTC) if period.hourly else TruncDate("started_at", tzinfo=UTC)
 
 
-def top(since: date, field: str):
-    """The TOP users or models by tokens since `since`, from the rollups."""
-    return list(DailyUsage.objects.filter(date__gte=since).values(name=F(field)).order_by()
-                .annotate(tokens=Sum(TOKENS), requests=Sum("requests")).order_by("-tokens")[:TOP])
+def _in(period):
+    return Usage.objects.filter(started_at__gte=period.start, started_at__lt=period.end)
 
 
-def outcomes(since: datetime, statuses, by):
-    """Ledger rows with these statuses since `since`, counted per `by` (the (status, started_at) index)."""
-    return list(Usage.objects.filter(status__in=statuses, started_at__gte=since).values(*by).order_by()
-                .annotate(requests=Count("id")).order_by("-requests"))
+def token_totals(period):
+    """{bucket: {"prompt", "completion", "requests"}}: the daily rollups (one grouped query), or for one day the
+    ledger's settled rows by hour (the rollups count a row when it settles, so rows in progress are left out here
+    too)."""
+    if period.hourly:
+        rows = (_in(period).exclude(status=Usage.Status.STREAMING).annotate(bucket=_bucket(period))
+                .values("bucket").order_by()
+                .annotate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), requests=Count("id")))
+    else:
+        rows = (DailyUsage.objects.filter(date__gte=period.first, date__lte=period.last).values(bucket=F("date"))
+                .order_by().annotate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"),
+                                     requests=Sum("requests")))
+    return {row["bucket"]: row for row in rows}
+
+
+def outcome_counts(period):
+    """Refused, cut and failed rows of the period, counted per (bucket, status, reason): one grouped query on the
+    ledger's (status, started_at) index. The cards, the tables and the rate chart all add these same rows up, so
+    they agree (issue 19, item 10)."""
+    return list(_in(period).filter(status__in=[REFUSED, CUT, *FAILED]).annotate(bucket=_bucket(period))
+                .values("bucket", "status", "reason").order_by().annotate(requests=Count("id")))
+
+
+def _shown_ms(ms):
+    """The time to first token rounded as the dashboard shows it (display.seconds): 1 ms under 0.1 s, 10 ms under 1 s,
+    100 ms under 10 s, 1 s above. Counting rows per rounded value gives the percentiles exactly as shown, from a few
+    hundred groups per bucket instead of a sort of every row (1M rows over 30 days: 0.4 s instead of 3.5 s)."""
+    return Case(When(time_to_first_token_ms__lt=100, then=ms),
+                When(time_to_first_token_ms__lt=1000, then=(ms + 5) / 10 * 10),
+                When(time_to_first_token_ms__lt=10_000, then=(ms + 50) / 100 * 100),
+                default=(ms + 500) / 1000 * 1000, output_field=IntegerField())
+
+
+def first_token_percentiles(period):
+    """({bucket: (p50 ms, p95 ms)}, (p50, p95) over the period) of the time to first token, by nearest rank over the
+    ledger's rows that had a first token: one grouped query (rows per bucket and rounded value)."""
+    rows = (_in(period).filter(time_to_first_token_ms__isnull=False)
+            .annotate(bucket=_bucket(period), ms=_shown_ms(F("time_to_first_token_ms")))
+            .values_list("bucket", "ms").order_by().annotate(n=Count("id")))
+    by_bucket, overall = {}, {}
+    for bucket, ms, n in rows:
+        counts = by_bucket.setdefault(bucket, {})
+        counts[ms] = counts.get(ms, 0) + n
+        overall[ms] = overall.get(ms, 0) + n
+    return {bucket: _p50_p95(counts) for bucket, counts in by_bucket.items()}, _p50_p95(overall)
+
+
+def _p50_p95(counts):
+    """The nearest-rank 50th and 95th percentiles of {value: how many}; (None, None) when empty."""
+    total = sum(counts.values())
+    wanted = [-(-total * 50 // 100), -(-total * 95 // 100)]  # ceil(p × n)
+    found, seen = [], 0
+    for value in sorted(counts):
+        seen += counts[value]
+        while wanted and seen >= wanted[0]:
+            found.append(value)
+            wanted.pop(0)
+    return tuple(found) if found else (None, None)
+
+
+def top(period, field, **exclude):
+    """The TOP users or models by tokens in the period, from the rollups."""
+    return list(DailyUsage.objects.filter(date__gte=period.first, date__lte=period.last).exclude(**exclude)
+                .values(name=F(field), key=F(field.replace("__username", "_id"))).order_by()
+                .annotate(tokens=Sum(TOKENS), requests=Sum("requests")).order_by("-tokens", "name")[:TOP])
+
+
+def ledger_link(period, **filters):
+    """The ledger's changelist, filtered to the period (and `filters`)."""
+    params = {**filters, "started_at__gte": period.start.isoformat(), "started_at__lt": period.end.isoformat()}
+    return reverse("admin:quotas_usage_changelist") + "?" + urlencode(params)
+
+
+def _summarise(period, totals, outcomes):
+    summary = {name: sum(row[name] or 0 for row in totals.values()) for name in ("prompt", "completion", "requests")}
+    summary["tokens"] = summary["prompt"] + summary["completion"]
+    for name, statuses in (("refused", [REFUSED]), ("cut", [CUT]), ("failed", FAILED)):
+        summary[name] = sum(row["requests"] for row in outcomes if row["status"] in statuses)
+    return summary
+
+
+def _by_reason(period, outcomes, statuses, status_filter):
+    """Table rows: the outcomes of these statuses per reason (and status), busiest first, each linked to its rows."""
+    counted = {}
+    for row in outcomes:
+        if row["status"] in statuses:
+            key = (row["status"], row["reason"])
+            counted[key] = counted.get(key, 0) + row["requests"]
+    return [{"status": status, "reason": reason, "requests": n,
+             "url": ledger_link(period, **{status_filter: status, "reason__exact": reason})}
+            for (status, reason), n in sorted(counted.items(), key=lambda item: (-item[1], item[0]))]
+
+
+def _charts(period, totals, outcomes, percentiles):
+    buckets = period.buckets()
+    if period.hourly:
+        texts = [f"{b:%H}:00" for b in buckets]
+        titles = [f"{b:%Y-%m-%d %H}:00–{b + timedelta(hours=1):%H}:00 UTC" for b in buckets]
+    else:
+        texts = [f"{b:%m-%d}" for b in buckets]
+        titles = [f"{b:%Y-%m-%d}" for b in buckets]
+    rows = [totals.get(b, {}) for b in buckets]
+    tokens = charts.stacked_bars(
+        [(row.get("prompt") or 0, row.get("completion") or 0) for row in rows], ("prompt", "completion"),
+        [f"{t}: {display.number((r.get('prompt') or 0) + (r.get('completion') or 0))} tokens "
+         f"({display.number(r.get('prompt') or 0)} prompt, {display.number(r.get('completion') or 0)} completion), "
+         f"{display.number(r.get('requests') or 0)} requests" for t, r in zip(titles, rows)], texts)
+
+    ttft = [percentiles.get(b, (None, None)) for b in buckets]
+    seconds = [(None if p50 is None else p50 / 1000, None if p95 is None else p95 / 1000) for p50, p95 in ttft]
+    first_token = charts.line_chart(
+        [("p50", "p50", [s[0] for s in seconds]), ("p95", "p95", [s[1] for s in seconds])],
+        [f"{t}: " + (f"p50 {display.seconds(p50)}, p95 {display.seconds(p95)}" if p50 is not None else "no first token")
+         for t, (p50, p95) in zip(titles, ttft)], texts)
+
+    refused, failed = {}, {}
+    for row in outcomes:
+        counts = refused if row["status"] == REFUSED else failed if row["status"] in FAILED else None
+        if counts is not None:
+            counts[row["bucket"]] = counts.get(row["bucket"], 0) + row["requests"]
+    error_rates, refusal_rates, rate_titles = [], [], []
+    for b, t, row in zip(buckets, titles, rows):
+        requests = row.get("requests") or 0
+        admitted = requests - refused.get(b, 0)
+        # Of the requests admitted, the share that failed; of all requests, the share refused.
+        error_rates.append(100 * failed.get(b, 0) / admitted if admitted > 0 else None)
+        refusal_rates.append(100 * refused.get(b, 0) / requests if requests else None)
+        rate_titles.append(f"{t}: {failed.get(b, 0)} failed of {admitted} admitted, "
+                           f"{refused.get(b, 0)} refused of {requests} requests" if requests else f"{t}: no requests")
+    rates = charts.line_chart([("errors", "errors", error_rates), ("refused", "refused", refusal_rates)],
+                              rate_titles, texts)
+    return {"tokens": _scaled(tokens, display.number), "first_token": _scaled(first_token, lambda v: f"{v:g} s"),
+            "rates": _scaled(rates, lambda v: f"{v:g}%")}
+
+
+def _scaled(chart, fmt):
+    """The chart with the texts of its scale: its top and its middle."""
+    half = chart.peak / 2
+    return {"chart": chart, "scale": {"top": fmt(chart.peak), "middle": fmt(int(half) if half == int(half) else half)}}
 
 
 def render(request, model_admin):
     if not model_admin.has_view_permission(request):
         raise PermissionDenied
-    since = timezone.now().astimezone(UTC).date() - timedelta(days=DAYS - 1)
-    since_dt = datetime.combine(since, time.min, tzinfo=UTC)
-    totals = daily_totals(since)
-    summary = {name: sum(row[name] or 0 for row in totals.values())
-               for name in ("prompt", "completion", "requests", "refusals", "upstream_errors")}
-    summary["tokens"] = summary["prompt"] + summary["completion"]
+    period = period_from(request.GET, timezone.now().astimezone(UTC).date())
+    totals = token_totals(period)
+    outcomes = outcome_counts(period)
+    percentiles, overall = first_token_percentiles(period)
+    top_users = top(period, "user__username")
+    for row in top_users:
+        row["url"] = ledger_link(period, user__id__exact=row["key"])
+    # Refusals before a model was chosen (a suspended user, the request rate) have no model: not a row of their own.
+    top_models = top(period, "model", model="")
+    for row in top_models:
+        row["url"] = ledger_link(period, model=row["name"])
     context = {
         **model_admin.admin_site.each_context(request),
         "opts": model_admin.opts,
         "title": "Usage dashboard",
-        "days": DAYS,
-        "summary": summary,
-        "chart": bar_chart(since, totals),
-        "top_users": top(since, "user__username"),
-        "top_models": top(since, "model"),
-        "refusals": outcomes(since_dt, [Usage.Status.REJECTED, Usage.Status.QUOTA_EXHAUSTED], ("status", "reason")),
-        "upstream_errors": outcomes(since_dt, [Usage.Status.UPSTREAM_ERROR], ("reason",)),
+        "period": period,
+        "presets": [(key, label, key == period.preset) for key, label in
+                    (("today", "Today"), ("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"))],
+        "today": timezone.now().astimezone(UTC).date(),
+        "summary": _summarise(period, totals, outcomes),
+        "first_token": {"p50": display.seconds(overall[0]), "p95": display.seconds(overall[1])},
+        "charts": _charts(period, totals, outcomes, percentiles),
+        "top_users": top_users,
+        "top_models": top_models,
+        "refusals": _by_reason(period, outcomes, [REFUSED], "status__exact"),
+        "cut": sum(row["requests"] for row in outcomes if row["status"] == CUT),
+        "cut_url": ledger_link(period, status__exact=CUT),
+        "errors": _by_reason(period, outcomes, FAILED, "status__exact"),
+        "live_stale_seconds": LIVE_STALE_SECONDS,
     }
     return TemplateResponse(request, "admin/quotas/usage/dashboard.html", context)

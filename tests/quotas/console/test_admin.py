@@ -109,7 +109,7 @@ def test_plan_changelist_counts_users_and_searches(admin_client, make_user):
     assert response.status_code == 200
     assert [p.name for p in response.context["cl"].result_list] == [caller.plan.name]
     assert response.context["cl"].result_list[0].user_count == 1
-    assert "1234" in response.content.decode()
+    assert "1,234" in response.content.decode()
 
 
 def test_plan_add_and_change_are_audited(admin_client, operator):
@@ -148,7 +148,36 @@ def test_quota_changelist_shows_window_usage_remaining_and_reset(admin_client, m
     assert "300 of 2,000" in page and "1,700" in page  # the override, not the plan's 1,000
     assert "300 of 5,000" in page and "4,700" in page
     assert "hour" in page or "minute" in page  # the day resets within 24 h
-    assert "60/min, 4 at once, 4,096 per request" in page
+    assert '60/min, 4 at once,<div class="sluice-sub">4,096 per request</div>' in page
+    assert '<span title="1,700 left">300 of 2,000</span><div class="sluice-sub">15% · resets in' in page
+
+
+def test_quota_form_shows_the_plans_value_beside_each_blank_override(admin_client, make_user):
+    caller = make_user(tokens_per_day=10_000, requests_per_minute=30, allowed_models=["sim-small"])
+    quota = UserQuota.objects.get(user=caller.user)
+    UserQuota.objects.filter(pk=quota.pk).update(requests_per_minute=5)  # an override: its plan value is still shown
+    page = admin_client.get(reverse("admin:quotas_userquota_change", args=[quota.pk])).content.decode()
+    assert 'placeholder="plan: 10,000"' in page and 'placeholder="plan: 3,000,000"' in page
+    assert 'data-plan-value="id_requests_per_minute">plan: 30</span>' in page
+    assert "None ticked: the plan&#x27;s models." in page and ">plan: sim-small</span>" in page
+    assert "data-plan-values=" in page and "plan_values.js" not in page and "data-plan-select=\"id_plan\"" in page
+    # The user's own page: the inline's fields are prefixed, and follow the inline's plan select.
+    page = admin_client.get(reverse("admin:auth_user_change", args=[caller.user.pk])).content.decode()
+    assert 'data-plan-select="id_quota-0-plan"' in page and 'placeholder="plan: 10,000"' in page
+
+
+def test_a_new_quota_starts_on_the_default_plan_and_shows_its_values(admin_client):
+    Plan.objects.create(name="basic", is_default=True, tokens_per_day=1234)
+    Plan.objects.create(name="other", tokens_per_day=99)
+    response = admin_client.get(reverse("admin:quotas_userquota_add"))
+    assert response.context["adminform"].form["plan"].value() == Plan.objects.get(name="basic").pk
+    assert 'placeholder="plan: 1,234"' in response.content.decode()
+
+
+def test_the_site_is_branded_sluice(admin_client):
+    page = admin_client.get(reverse("admin:index")).content.decode()
+    assert "<title>Operations | Sluice admin</title>" in page
+    assert '<div id="site-name"><a href="/admin/">Sluice</a></div>' in page and "Django administration" not in page
 
 
 def test_quota_changelist_searches_and_filters(admin_client, make_user):
@@ -282,11 +311,20 @@ def test_user_page_edits_the_quota_inline_and_audits_it(admin_client, make_user)
 def test_key_is_shown_once_at_creation_and_never_its_hash(admin_client, make_user, operator):
     caller = make_user()
     add = admin_client.get(reverse("admin:quotas_apikey_add"))
-    response = admin_client.post(reverse("admin:quotas_apikey_add"), form_data(add, user=caller.user.pk, name="ci"))
+    created = admin_client.post(reverse("admin:quotas_apikey_add"), form_data(add, user=caller.user.pk, name="ci"))
     key = ApiKey.objects.get(user=caller.user, name="ci")
+    # To the one-time page by a redirect, so that a refresh repeats a GET and issues nothing (issue 19, item 7).
+    issued = reverse("admin:quotas_apikey_issued", args=[key.pk])
+    assert (created.status_code, created["Location"]) == (302, issued)
+    response = admin_client.get(issued)
     raw = response.context["raw_key"]
     assert raw.startswith(ApiKey.PREFIX) and raw in response.content.decode() and key.matches(raw)
     assert response["Cache-Control"].startswith("max-age=0")  # never cached (admin pages are never_cache)
+    assert "sluice.issued_keys" not in admin_client.session  # taken out of the session as it was shown
+    again = admin_client.get(issued)
+    assert again.status_code == 200 and again.context["raw_key"] is None and raw not in again.content.decode()
+    assert "was shown once" in again.content.decode()
+    assert ApiKey.objects.filter(user=caller.user).count() == 2  # make_user's and this one: no second key
     for page in (reverse("admin:quotas_apikey_changelist"), reverse("admin:quotas_apikey_change", args=[key.pk])):
         content = admin_client.get(page).content.decode()
         assert key.prefix in content and key.hashed_key not in content and raw not in content
@@ -383,7 +421,7 @@ def test_audit_trail_is_listed_read_only(admin_client, make_user, operator):
     act(admin_client, "userquota", "suspend", [quota])
     entry = AuditEntry.objects.get()
     response = admin_client.get(reverse("admin:quotas_auditentry_changelist"), {"action__exact": "suspended"})
-    assert "suspended: False → True" in response.content.decode()
+    assert "<b>suspended:</b> no → yes" in response.content.decode()
     assert admin_client.get(reverse("admin:quotas_auditentry_add")).status_code == 403
     assert admin_client.post(reverse("admin:quotas_auditentry_delete", args=[entry.pk])).status_code == 403
 
