@@ -4,6 +4,7 @@ With nothing set, Sluice runs on SQLite, in-process counters and channel layer, 
 simulated upstream, so a fresh machine needs no services. See README.md for the variables.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -157,6 +158,17 @@ SIMULATOR_CONTROL_TOKEN = os.environ.get("SIMULATOR_CONTROL_TOKEN", "")
 SLUICE_MODELS = [
     m.strip() for m in os.environ.get("SLUICE_MODELS", "sim-small,sim-large").split(",") if m.strip()
 ]
+# Chat fields Sluice does not read are forwarded untouched. Per model (a name or a glob such as "*"), an operator may
+# deny some (400 unsupported_parameter) or strip them before forwarding, as JSON:
+# SLUICE_FIELD_RULES='{"gpt-5*": {"deny": ["logit_bias"], "strip": ["temperature"]}}' (docs/api.md). JSON that does
+# not parse is kept as its text, for the sluice.E010 check to name.
+try:
+    SLUICE_FIELD_RULES = json.loads(os.environ.get("SLUICE_FIELD_RULES") or "{}")
+except ValueError:
+    SLUICE_FIELD_RULES = os.environ["SLUICE_FIELD_RULES"]
+# Where the clamped token limit goes when a client set none: "max_tokens", "max_completion_tokens" (OpenAI's reasoning
+# models refuse max_tokens), or "auto": max_completion_tokens for OpenAI itself, max_tokens for any other server.
+UPSTREAM_TOKEN_LIMIT_FIELD = os.environ.get("UPSTREAM_TOKEN_LIMIT_FIELD", "auto")
 # Largest request body accepted under /v1/ (bytes).
 SLUICE_MAX_BODY_BYTES = env_int("SLUICE_MAX_BODY_BYTES", 1_000_000)
 # The most any request body may be (Django's own setting). The Daphne server refuses a larger body with 413 before

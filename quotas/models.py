@@ -151,6 +151,12 @@ class Usage(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     reserved_tokens = models.PositiveIntegerField(default=0, help_text="The most this request may still be charged while in progress.")
     usage_reported = models.BooleanField(default=False, help_text="True: the upstream reported the counts; false: metered here.")
+    # What the provider's usage details say (blank: it did not report them): prompt tokens it served from its cache,
+    # and completion tokens spent on reasoning (counted in completion_tokens, streamed or not).
+    cached_tokens = models.PositiveIntegerField(null=True, blank=True,
+                                                help_text="Of the prompt tokens, those the provider read from its cache.")
+    reasoning_tokens = models.PositiveIntegerField(null=True, blank=True,
+                                                   help_text="Of the completion tokens, those spent on reasoning.")
     charged_tokens = models.PositiveIntegerField(
         default=0, help_text="What counted against the user's windows: the tokens above, except what a provider reported "
                              "beyond what the windows still allowed (docs/quotas.md, 'What is charged').")

@@ -20,7 +20,7 @@ def check_secret_key(app_configs=None, **kwargs):
         return [Error(
             "DJANGO_SECRET_KEY is not set.",
             hint="Set DJANGO_SECRET_KEY to a long random string, e.g. the output of "
-                 "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`.",
+                 "`.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(50))'`.",
             id="sluice.E001")]
     return []
 
@@ -75,5 +75,24 @@ def _check_event_loop():
                       hint="Use SLUICE_EVENT_LOOP=uvloop (the default) or SLUICE_EVENT_LOOP=asyncio.", id="sluice.E009")]
     if name == "uvloop" and not reactor.uvloop_available():
         return [Warning("SLUICE_EVENT_LOOP is uvloop but uvloop is not installed: the server uses asyncio's loop.",
-                        hint="pip install -r requirements.txt, or set SLUICE_EVENT_LOOP=asyncio.", id="sluice.W002")]
+                        hint=".venv/bin/python -m pip install -r requirements.txt, or set SLUICE_EVENT_LOOP=asyncio.",
+                        id="sluice.W002")]
     return []
+
+
+@register(SLUICE)
+def check_chat_fields(app_configs=None, **kwargs):
+    """The chat request's field rules and the token-limit field (issue 16, docs/api.md)."""
+    from .gateway.validation import TOKEN_LIMIT_FIELDS, field_rules_problem
+
+    errors = []
+    if problem := field_rules_problem(settings.SLUICE_FIELD_RULES):
+        errors.append(Error(
+            f"SLUICE_FIELD_RULES is not valid: {problem}.",
+            hint='For example SLUICE_FIELD_RULES=\'{"gpt-5*": {"deny": ["logit_bias"], "strip": ["temperature"]}}\', '
+                 "or unset it to forward every field.", id="sluice.E010"))
+    if settings.UPSTREAM_TOKEN_LIMIT_FIELD not in ("auto", *TOKEN_LIMIT_FIELDS):
+        errors.append(Error(
+            f"UPSTREAM_TOKEN_LIMIT_FIELD is '{settings.UPSTREAM_TOKEN_LIMIT_FIELD}'.",
+            hint="Use auto (the default), max_tokens or max_completion_tokens.", id="sluice.E011"))
+    return errors

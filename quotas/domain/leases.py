@@ -55,7 +55,8 @@ class TokenLease:
         self.windows, self.specs = window_specs(user_id, limits, now_dt)
         self.held = 0  # tokens leased so far: prompt + completion
         self.prompt_tokens = 0
-        self.max_tokens = 0
+        self.max_tokens = 0  # per choice
+        self.choices = 1  # n: the completion may use max_tokens for each
         self.limits_read_at = time.monotonic()
         self.settled = False
         self.remaining = None  # in the tightest window, after the last lease
@@ -65,6 +66,11 @@ class TokenLease:
     @property
     def completion_leased(self):
         return self.held - self.prompt_tokens
+
+    @property
+    def completion_budget(self):
+        """The most the completion may use: max_tokens for each choice."""
+        return self.max_tokens * self.choices
 
     async def _lease(self, want):
         store = get_store()
@@ -88,20 +94,22 @@ class TokenLease:
         window = exhausted_window(self.windows, self.remaining_by_window)
         return QuotaExceeded(window.scope, window.seconds_left(timezone.now()), window.end)
 
-    async def admit(self, prompt_tokens, requested_max, stream: bool):
-        """Reserve the prompt and the first block; clamp max_tokens. Raises QuotaExceeded."""
+    async def admit(self, prompt_tokens, requested_max, stream: bool, choices: int = 1):
+        """Reserve the prompt (once) and the first block, or for a non-streaming request `choices` (n) times the
+        whole budget; clamp max_tokens (per choice). Raises QuotaExceeded."""
         self.prompt_tokens = prompt_tokens
+        self.choices = choices
         plan_max = self.limits.max_tokens_per_request
-        wanted_completion = min(requested_max or plan_max, plan_max)
+        wanted_completion = min(requested_max or plan_max, plan_max) * choices
         block = settings.QUOTA_LEASE_BLOCK_TOKENS if stream else wanted_completion
         granted = await self._lease(first_lease(prompt_tokens, wanted_completion, block))
-        if granted <= prompt_tokens:
+        # What the completion may use: its first block plus whatever is left in every window.
+        available = granted - prompt_tokens + (self.remaining if stream else 0)
+        self.max_tokens = clamp_max_tokens(requested_max, plan_max, max(0, available), choices)
+        if self.max_tokens < 1:  # not one token for each choice
             refusal = self.exhausted()
             await self.release()
             raise refusal
-        # What the completion may use: its first block plus whatever is left in every window.
-        available = granted - prompt_tokens + (self.remaining if stream else 0)
-        self.max_tokens = clamp_max_tokens(requested_max, plan_max, available)
         return self.max_tokens
 
     async def need(self, tokens) -> bool:
@@ -113,7 +121,7 @@ class TokenLease:
         # the stream may still use: a long stream makes few round trips, and a short one holds little that other
         # streams of the user cannot have.
         self.block = min(self.block * 2, settings.QUOTA_LEASE_MAX_BLOCK_TOKENS)
-        want = max(tokens, min(self.block, self.max_tokens - self.completion_leased))
+        want = max(tokens, min(self.block, self.completion_budget - self.completion_leased))
         granted = await self._lease(want)
         return granted >= tokens
 

@@ -146,9 +146,10 @@ def chunk_tokens(content: str) -> int:
     return max(1, tokens.count(content))
 
 
-def clamp_max_tokens(requested: int | None, plan_max: int, remaining: int) -> int:
-    """The completion budget for a request: asked for, within the plan and what remains."""
-    ceiling = min(plan_max, remaining)
+def clamp_max_tokens(requested: int | None, plan_max: int, remaining: int, choices: int = 1) -> int:
+    """The completion budget of each of a request's `choices` (n): asked for, within the plan, and all of them
+    within what remains."""
+    ceiling = min(plan_max, remaining // choices)
     return max(0, ceiling if requested is None else min(requested, ceiling))
 
 

@@ -7,6 +7,7 @@ has already identified the session's user (`request.sluice`) and applied the rat
 
 from functools import wraps
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
 
@@ -46,5 +47,6 @@ async def quota(request):
 
 @login_required
 def chat_page(request):
-    # The plan (models, max tokens, the meter) comes from /api/quota, the same source the meter refreshes from.
-    return render(request, "demo/chat.html")
+    # The plan (models, max tokens, the meter) comes from /api/quota, the same source the meter refreshes from. The
+    # body limit lets the page suggest a new chat before a long one no longer fits in a request.
+    return render(request, "demo/chat.html", {"max_body_bytes": settings.SLUICE_MAX_BODY_BYTES})

@@ -22,7 +22,7 @@ from streaming.telemetry import metrics
 
 API_PREFIX = "/v1/"
 DEMO_PREFIX = "/api/"
-COMPLETION_PATHS = {"/v1/chat/completions", "/api/chat"}
+COMPLETION_PATHS = {"/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/embeddings", "/api/chat"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
 
 

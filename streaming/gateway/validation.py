@@ -1,9 +1,11 @@
-"""Validation of /v1/chat/completions bodies: a clear OpenAI-style 400 for every mistake."""
+"""Validation of /v1/chat/completions bodies: a clear OpenAI-style 400 for every mistake in what Sluice reads, and every
+other field passed to the provider untouched (issue 16): the provider judges what it takes."""
 
 import json
 import math
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -13,16 +15,14 @@ from quotas.models import Usage
 from streaming.errors import ApiError, invalid
 
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
-# Passed to the provider as given, after a type check.
-OPTIONAL_FIELDS = {
-    "temperature": (int, float), "top_p": (int, float), "n": int, "stop": (str, list),
-    "presence_penalty": (int, float), "frequency_penalty": (int, float), "logit_bias": dict,
-    "user": str, "seed": int, "tools": list, "tool_choice": (str, dict), "response_format": dict,
-    "logprobs": bool, "top_logprobs": int, "parallel_tool_calls": bool, "metadata": dict,
-    "reasoning_effort": str, "service_tier": str, "store": bool,
-}
-KNOWN_FIELDS = set(OPTIONAL_FIELDS) | {"model", "messages", "stream", "stream_options", "max_tokens",
-                                       "max_completion_tokens"}
+# The fields Sluice reads, type-checked here. Every other field (temperature, tools, an SDK's newest field, a vLLM or
+# Ollama `extra_body` field) is forwarded untouched: the provider judges it, and its refusal reaches the client as its
+# own 400 (`upstream_rejected`). An operator may deny or strip fields per model (SLUICE_FIELD_RULES, `field_rules`).
+INTERPRETED_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+                                "n"})
+TOKEN_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens")
+# OpenAI's own bound on `n`; it also bounds the reservation (n x the completion budget).
+MAX_CHOICES = 128
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object",
               bool: "a boolean"}
 # Deeper than any real request: a JSON schema in `tools` or `response_format` nests a few dozen levels at most (OpenAI's
@@ -38,9 +38,12 @@ class ChatRequest:
     messages: list
     stream: bool
     include_usage: bool  # the client asked for the usage chunk
-    max_tokens: int | None
-    options: dict  # other fields, forwarded
-    raw_fields: frozenset = frozenset()
+    max_tokens: int | None  # per choice
+    options: dict  # every field Sluice does not interpret (and `n`), forwarded untouched
+    raw_fields: frozenset = frozenset()  # the body's fields, after the operator's field rules
+    choices: int = 1  # n
+    stream_options: dict | None = None  # the client's, merged into Sluice's own
+    limit_fields: tuple = ()  # the token-limit fields the client set: the clamped limit goes in those
 
 
 def _expect(value, types, param):
@@ -161,15 +164,13 @@ def _param(path):
     return param or None
 
 
-def parse_chat_request(body: dict) -> ChatRequest:
-    unknown = sorted(set(body) - KNOWN_FIELDS)
-    if unknown:
-        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
-                      code="unknown_parameter")
+def parse_chat_request(body: dict, rules: dict | None = None) -> ChatRequest:
+    """`rules`: the operator's field rules (SLUICE_FIELD_RULES when None)."""
     if "model" not in body:
         raise invalid("You must provide a model parameter.", param="model", code="missing_required_parameter")
     _expect(body["model"], str, "model")
     _check_model_name(body["model"])
+    body = field_rules(body, settings.SLUICE_FIELD_RULES if rules is None else rules)
     if "messages" not in body:
         raise invalid("Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
     messages = body["messages"]
@@ -205,21 +206,68 @@ def parse_chat_request(body: dict) -> ChatRequest:
             _expect(stream_options["include_usage"], bool, "stream_options.include_usage")
             include_usage = stream_options["include_usage"]
     max_tokens = None
-    for name in ("max_completion_tokens", "max_tokens"):
+    limit_fields = []
+    for name in TOKEN_LIMIT_FIELDS:
         if body.get(name) is not None:
             _expect(body[name], int, name)
             if body[name] < 1:
                 raise invalid(f"'{name}' must be at least 1.", param=name, code="invalid_value")
-            max_tokens = body[name]
-    options = {}
-    for name, types in OPTIONAL_FIELDS.items():
-        if body.get(name) is not None:
-            _expect(body[name], types, name)
-            options[name] = body[name]
-    if options.get("n", 1) != 1:
-        raise invalid("Only n=1 is supported.", param="n", code="invalid_value")
+            # Both given: the smaller one binds.
+            max_tokens = body[name] if max_tokens is None else min(max_tokens, body[name])
+            limit_fields.append(name)
+    choices = body.get("n")
+    if choices is None:
+        choices = 1
+    else:
+        _expect(choices, int, "n")
+        if not 1 <= choices <= MAX_CHOICES:
+            raise invalid(f"Invalid value for 'n': expected an integer from 1 to {MAX_CHOICES}.", param="n",
+                          code="invalid_value")
+    options = {name: value for name, value in body.items() if name not in INTERPRETED_FIELDS}
+    if "n" in body:
+        options["n"] = body["n"]
     return ChatRequest(model=body["model"], messages=messages, stream=stream, include_usage=include_usage,
-                       max_tokens=max_tokens, options=options, raw_fields=frozenset(body))
+                       max_tokens=max_tokens, options=options, raw_fields=frozenset(body), choices=choices,
+                       stream_options=stream_options, limit_fields=tuple(limit_fields))
+
+
+# Never denied nor stripped: a request without them is not a chat completion.
+RULE_EXEMPT_FIELDS = frozenset({"model", "messages"})
+
+
+def field_rules(body: dict, rules: dict) -> dict:
+    """The operator's field rules for the body's model, applied: a denied field present is a 400
+    `unsupported_parameter` naming it; stripped fields are removed before anything else reads the body.
+
+    `rules` maps a model name or a glob ("*", "gpt-5*") to {"deny": [...], "strip": [...]}; every entry matching the
+    model applies. Pure (the rules are an argument), so that they can come from elsewhere than settings."""
+    model = body["model"]
+    deny, strip = set(), set()
+    for pattern, rule in rules.items():
+        if fnmatchcase(model, pattern):
+            deny.update(rule.get("deny", ()))
+            strip.update(rule.get("strip", ()))
+    if denied := sorted(deny & body.keys()):
+        raise invalid(f"Unsupported parameter: '{denied[0]}' is not supported with this model.", param=denied[0],
+                      code="unsupported_parameter")
+    if strip & body.keys():
+        return {name: value for name, value in body.items() if name not in strip}
+    return body
+
+
+def field_rules_problem(rules) -> str | None:
+    """What is wrong with a SLUICE_FIELD_RULES value, or None (streaming/checks.py: sluice.E010)."""
+    if not isinstance(rules, dict):
+        return "it must be a JSON object mapping a model name (or a glob such as \"*\") to a rule"
+    for pattern, rule in rules.items():
+        if not isinstance(rule, dict) or set(rule) - {"deny", "strip"}:
+            return f"the rule for {pattern!r} must be an object with \"deny\" and/or \"strip\" lists"
+        for kind, names in rule.items():
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                return f"{kind!r} for {pattern!r} must be a list of field names"
+            if exempt := RULE_EXEMPT_FIELDS & set(names):
+                return f"{kind!r} for {pattern!r} names {sorted(exempt)[0]!r}, which every request needs"
+    return None
 
 
 def _check_model_name(model):

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: thin async views over a completion's lifecycle (streaming/streams/completion.py)."""
+"""The OpenAI-compatible API: thin async views over a completion's lifecycle (streaming/streams/completion.py, and the
+other endpoints' subclasses of it)."""
 
 import functools
 import time
@@ -8,11 +9,16 @@ from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 
 from quotas.domain import admission
+from quotas.domain.exceptions import ModelNotAllowed
 from quotas.domain.leases import quota_status
 from streaming.errors import MAPPED, ApiError, api_error, not_found
 from streaming.provider.client import provider_url
 from streaming.streams.completion import Completion
+from streaming.streams.embeddings import Embeddings
+from streaming.streams.responses import ResponsesCompletion
+from streaming.streams.text_completions import TextCompletion
 
+from .bodies import parse_embeddings_request, parse_responses_request, parse_text_completion_request
 from .validation import parse_body, parse_chat_request
 
 
@@ -55,12 +61,38 @@ async def chat_completions(request):
     return await chat_completion_response(request, parse_body(request))
 
 
+@api_view(["POST"])
+async def responses(request):
+    body = parse_responses_request(parse_body(request))
+    return await ResponsesCompletion(request.sluice, body, provider_url(request.scope)).respond()
+
+
+@api_view(["POST"])
+async def text_completions(request):
+    body = parse_text_completion_request(parse_body(request))
+    return await TextCompletion(request.sluice, body, provider_url(request.scope)).respond()
+
+
+@api_view(["POST"])
+async def embeddings(request):
+    body = parse_embeddings_request(parse_body(request))
+    return await Embeddings(request.sluice, body, provider_url(request.scope)).respond()
+
+
 @api_view(["GET"])
 async def models(request):
     limits = request.sluice.limits
     data = [{"id": m, "object": "model", "created": 0, "owned_by": "sluice"}
             for m in settings.SLUICE_MODELS if limits.allows_model(m, settings.SLUICE_MODELS)]
     return JsonResponse({"object": "list", "data": data})
+
+
+@api_view(["GET"])
+async def model(request, model):
+    """One of the key's models; any other name is 404 model_not_found, as for an unknown model."""
+    if not request.sluice.limits.allows_model(model, settings.SLUICE_MODELS):
+        raise ModelNotAllowed(model)
+    return JsonResponse({"id": model, "object": "model", "created": 0, "owned_by": "sluice"})
 
 
 @api_view(["GET"])

@@ -12,6 +12,7 @@ import re
 import socket
 import time
 import weakref
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
@@ -21,8 +22,9 @@ from django.conf import settings
 # openai version (requirements.txt), and an import error here names the change at start-up.
 from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
 
+from .endpoints import CHAT, Endpoint
 from .errors import UpstreamError
-from .events import Event, SSEParser, classify
+from .events import Event, SSEParser
 
 SIMULATOR_PREFIX = "/_sim"
 # One client per event loop (its aiohttp session belongs to the loop it was made on), base URL and timeouts.
@@ -31,6 +33,19 @@ _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref
 
 def uses_simulator() -> bool:
     return not settings.OPENAI_API_KEY and not settings.OPENAI_BASE_URL
+
+
+OPENAI_HOST = "api.openai.com"
+
+
+def token_limit_field(url: str) -> str:
+    """The field a token limit goes in when the client set none (UPSTREAM_TOKEN_LIMIT_FIELD): "auto" is OpenAI's
+    max_completion_tokens for OpenAI itself (its reasoning models refuse max_tokens) and max_tokens for any other
+    server (some know no other)."""
+    field = settings.UPSTREAM_TOKEN_LIMIT_FIELD
+    if field != "auto":
+        return field
+    return "max_completion_tokens" if urlsplit(url).hostname == OPENAI_HOST else "max_tokens"
 
 
 def provider_url(scope) -> str:
@@ -177,10 +192,11 @@ class EventStream:
     events of one read travel through the relay together, as one write (docs/performance.md).
     """
 
-    def __init__(self, response: httpx2.Response):
+    def __init__(self, response: httpx2.Response, classify=CHAT.classify):
         self._response = response
         self._pieces = None
         self._parser = SSEParser()
+        self._classify = classify  # the endpoint's (endpoints.py)
         self.closed = False
 
     async def read_batch(self) -> list[Event] | None:
@@ -196,6 +212,7 @@ class EventStream:
                 raise _translate(exc) from exc
             payloads = self._parser.feed(piece)
             if payloads:
+                classify = self._classify
                 return [classify(data) for data in payloads]
 
     async def aclose(self):
@@ -208,7 +225,7 @@ class EventStream:
             await self._response.aclose()
 
 
-async def _post(url: str, body: dict, request_id: str, stream: bool) -> httpx2.Response:
+async def _post(url: str, body: dict, request_id: str, stream: bool, path: str) -> httpx2.Response:
     options = {"headers": {"X-Client-Request-Id": request_id}}
     if stream:
         # No read timeout on the socket for a stream: it would arm and cancel a timer on every event of every
@@ -220,19 +237,21 @@ async def _post(url: str, body: dict, request_id: str, stream: bool) -> httpx2.R
     # (docs/performance.md). The body was validated by Sluice already (streaming/gateway/validation.py).
     try:
         return await get_client(url).post(
-            "/chat/completions", cast_to=httpx2.Response, body=body, stream=stream, options=options)
+            path, cast_to=httpx2.Response, body=body, stream=stream, options=options)
     except Exception as exc:
         raise _translate(exc) from exc
 
 
-async def open_stream(url: str, body: dict, request_id: str) -> EventStream:
-    """Send a streaming chat completion; returns once the provider answered with its headers."""
-    return EventStream(await _post(url, body, request_id, stream=True))
+async def open_stream(url: str, body: dict, request_id: str, endpoint: Endpoint = CHAT) -> EventStream:
+    """Send a streaming request (a chat completion unless `endpoint` says otherwise); returns once the provider
+    answered with its headers."""
+    return EventStream(await _post(url, body, request_id, True, endpoint.path), endpoint.classify)
 
 
-async def complete(url: str, body: dict, request_id: str) -> bytes:
-    """A non-streaming chat completion: the provider's JSON, as it sent it."""
-    return (await _post(url, body, request_id, stream=False)).content
+async def complete(url: str, body: dict, request_id: str, endpoint: Endpoint = CHAT) -> bytes:
+    """A non-streaming request (a chat completion unless `endpoint` says otherwise): the provider's JSON, as it sent
+    it."""
+    return (await _post(url, body, request_id, False, endpoint.path)).content
 
 
 async def close_clients():

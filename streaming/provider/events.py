@@ -64,22 +64,31 @@ def classify(data: bytes) -> Event:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            delta = choice.get("delta")
-            if isinstance(delta, dict) and delta:
-                for name in TEXT_FIELDS:
-                    text = delta.get(name)
-                    if text:
-                        tokens += chunk_tokens(text) if isinstance(text, str) else 1
-                calls = delta.get("tool_calls")
-                if calls:
-                    for call in calls if isinstance(calls, list) else (calls,):
-                        tokens += _call_tokens(call.get("function") if isinstance(call, dict) else None)
-                if delta.get("function_call"):
-                    tokens += _call_tokens(delta["function_call"])
+            tokens += choice_tokens(choice)
             if choice.get("finish_reason"):
                 begins = finished = True
         return Event(data, CHUNK, tokens, usage, True, begins or tokens > 0, finished)
     return Event(data, CHUNK, 0, usage, False, begins)
+
+
+def choice_tokens(choice: dict) -> int:
+    """The completion tokens one choice of a chunk carries (its delta's text, tool and function calls): a chunk's
+    `tokens` are its choices' sum; the relay meters each choice of n > 1 against its own max_tokens."""
+    delta = choice.get("delta")
+    if not isinstance(delta, dict) or not delta:
+        return 0
+    tokens = 0
+    for name in TEXT_FIELDS:
+        text = delta.get(name)
+        if text:
+            tokens += chunk_tokens(text) if isinstance(text, str) else 1
+    calls = delta.get("tool_calls")
+    if calls:
+        for call in calls if isinstance(calls, list) else (calls,):
+            tokens += _call_tokens(call.get("function") if isinstance(call, dict) else None)
+    if delta.get("function_call"):
+        tokens += _call_tokens(delta["function_call"])
+    return tokens
 
 
 def _call_tokens(function) -> int:

@@ -14,12 +14,13 @@ from django.conf import settings
 from quotas.store.base import OUTCOME_FAILED, OUTCOME_OK
 
 from . import client
+from .endpoints import CHAT
 from .errors import UpstreamError
 from .events import DONE, ERROR, Event
 from .permits import preempted
 
 
-async def open_to_first_token(url, body, request_id, timeout_seconds, commit_after_seconds):
+async def open_to_first_token(url, body, request_id, timeout_seconds, commit_after_seconds, endpoint=CHAT):
     """(events, events read so far, pending read) once the first content arrived; retryable errors otherwise.
 
     A provider slower than `commit_after_seconds` (the heartbeat interval) is not held against the client: the
@@ -32,7 +33,7 @@ async def open_to_first_token(url, body, request_id, timeout_seconds, commit_aft
     commit_at = loop.time() + commit_after_seconds
     try:
         async with asyncio.timeout_at(deadline):
-            events = await client.open_stream(url, body, request_id)
+            events = await client.open_stream(url, body, request_id, endpoint)
         seen = []
         while True:
             pending = asyncio.ensure_future(events.read_batch())

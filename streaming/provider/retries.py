@@ -22,6 +22,7 @@ from quotas.store.base import OUTCOME_FAILED, OUTCOME_NONE, OUTCOME_OK, OUTCOME_
 
 from ..telemetry import metrics
 from . import backoff, client
+from .endpoints import CHAT
 from .errors import UpstreamError
 from .first_token import GuardedStream, open_to_first_token
 from .permits import get_upstream
@@ -44,12 +45,14 @@ def outcome_of(error: UpstreamError) -> str:
     return OUTCOME_FAILED if error.retryable else OUTCOME_NONE
 
 
-async def open_stream(url, body, request_id, fair_key) -> GuardedStream:
-    """A streaming completion, returned once its first token arrived; it holds its permit until closed."""
+async def open_stream(url, body, request_id, fair_key, endpoint=CHAT) -> GuardedStream:
+    """A streaming completion (at `endpoint`: chat unless told), returned once its first token arrived; it holds its
+    permit until closed."""
 
     async def attempt(permit):
         events, seen, pending = await open_to_first_token(
-            url, body, request_id, settings.UPSTREAM_FIRST_TOKEN_TIMEOUT, settings.STREAM_HEARTBEAT_INTERVAL)
+            url, body, request_id, settings.UPSTREAM_FIRST_TOKEN_TIMEOUT, settings.STREAM_HEARTBEAT_INTERVAL,
+            endpoint)
         stream = GuardedStream(events, seen, permit, pending)
         try:
             await permit.report_success()
@@ -61,11 +64,11 @@ async def open_stream(url, body, request_id, fair_key) -> GuardedStream:
     return await _with_retries(url, request_id, fair_key, attempt, keeps_permit=True)
 
 
-async def complete(url, body, request_id, fair_key) -> bytes:
-    """A non-streaming completion (no first-token timeout: its first token is its whole answer)."""
+async def complete(url, body, request_id, fair_key, endpoint=CHAT) -> bytes:
+    """A non-streaming completion or embedding (no first-token timeout: its first token is its whole answer)."""
 
     async def attempt(permit):
-        return await client.complete(url, body, request_id)
+        return await client.complete(url, body, request_id, endpoint)
 
     return await _with_retries(url, request_id, fair_key, attempt, keeps_permit=False)
 

@@ -4,6 +4,9 @@ Sluice's default run, its tests and its benchmarks talk to this through the offi
 client over real loopback HTTP: mounted at ``/_sim`` in the gateway's own process when no
 provider is configured, or run alone with ``python -m streaming.simulator --port 8100`` (__main__.py).
 
+Besides chat completions it serves the Responses API, the legacy text completions, embeddings and each model
+(formats.py writes them), with the same switches.
+
 It writes deterministic text at a configurable rate and can be told (``POST /control``) to answer
 429 with ``Retry-After``, 5xx, fail mid-stream, or admit only N concurrent requests. ``GET /stats``
 reports what it produced, how long its writes were blocked by a reader that stopped reading
@@ -12,18 +15,26 @@ developer tool on 127.0.0.1); mounted in a gateway they need its SIMULATOR_CONTR
 
 Like a real provider, it reports usage counted with its model's tokenizer: o200k_base (OpenAI's current models), in
 quicktok's implementation, which is not the gateway's (tiktoken, quotas/domain/tokens.py), so the gateway's meter is
-checked against a count it did not make. Each streamed delta is one token, as OpenAI streams.
+checked against a count it did not make. Each streamed delta is one token, as OpenAI streams. With `n`, it
+answers n choices (interleaved when streamed), their usage summed, as OpenAI does.
+
+Its style (``SIMULATOR_STYLE``, or the ``style`` switch) is "plain" by default: the fixed words below, at the pace the
+switches set, which tests and benchmarks depend on. "demo" (what ``./dev demo`` runs) answers like a model for a person
+trying the chat page: varied Markdown answers (demo.py) at 30–60 tokens a second after a short first-token wait.
 """
 
 import asyncio
 import hmac
 import itertools
 import json
+import os
 import random
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+
+from . import demo, formats
 
 # Each " word" is one o200k_base token (tests/quotas/domain/test_tokens.py checks it): a delta per token.
 WORDS = (
@@ -32,6 +43,10 @@ WORDS = (
 ).split()
 # A write that waits longer than this counts as blocked by backpressure.
 BLOCKED_WRITE_SECONDS = 0.05
+STYLES = ("plain", "demo")
+# The demo style's pace, drawn for each answer unless the switches set one: a person sees it being written.
+DEMO_TOKENS_PER_SECOND = (30.0, 60.0)
+DEMO_TTFT_SECONDS = (0.3, 0.8)
 
 
 @dataclass
@@ -51,6 +66,29 @@ class Control:
     stall_midstream_after: int = 0  # >0: go silent after this many tokens (the connection stays open)
     max_concurrent: int = 0  # >0: answer 429 beyond this many requests in flight
     seed: int = 0
+    style: str = "plain"  # STYLES: "plain" (the fixed words) or "demo" (demo.py's answers, at a person's pace)
+    # The Responses API's usage details (formats.py): hidden reasoning tokens on top of the answer's (as OpenAI's
+    # reasoning models report them), and prompt tokens reported as read from the provider's cache.
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one request is answered with: its tokens (None: the plain style's words, made as they are sent) and its
+    pace."""
+
+    pieces: tuple | None
+    tokens_per_second: float
+    ttft_seconds: float
+
+    def token(self, i, control, choice=0):
+        """Token `i` of the answer; with n > 1, each choice (after the first) starts further along the words."""
+        return self.pieces[i] if self.pieces is not None else f" {WORDS[(i + control.seed + choice) % len(WORDS)]}"
+
+    def length(self, control):
+        """The whole answer's length in tokens: a shorter max_tokens ends it with finish_reason "length"."""
+        return len(self.pieces) if self.pieces is not None else control.default_tokens
 
 
 @dataclass
@@ -140,10 +178,14 @@ CONTROL_PATHS = frozenset({"/control", "/control/reset", "/stats"})
 
 
 class Simulator:
-    def __init__(self, control=None, control_token=None):
+    def __init__(self, control=None, control_token=None, style=None):
         """`control_token`: None leaves CONTROL_PATHS open; else a callable giving, at each request, the token they
-        require as `Authorization: Bearer <token>` ("" turns them off: 404)."""
-        self.state = State(control=control or Control())
+        require as `Authorization: Bearer <token>` ("" turns them off: 404). `style`: the default style, which a reset
+        restores (None: SIMULATOR_STYLE from the environment, else "plain")."""
+        self.style = style or os.environ.get("SIMULATOR_STYLE") or "plain"
+        if self.style not in STYLES:
+            raise ValueError(f"SIMULATOR_STYLE must be one of {', '.join(STYLES)}, not {self.style!r}")
+        self.state = State(control=control or Control(style=self.style))
         self.random = random.Random(self.state.control.seed)
         self.control_token = control_token
 
@@ -176,13 +218,23 @@ class Simulator:
             for name, value in changes.items():
                 if not hasattr(self.state.control, name):
                     return await _json(send, 400, {"error": f"unknown switch {name}"})
+                if name == "style" and value not in STYLES:
+                    return await _json(send, 400, {"error": f"style must be one of {', '.join(STYLES)}"})
                 setattr(self.state.control, name, type(getattr(self.state.control, name))(value))
             return await _json(send, 200, asdict(self.state.control))
         if path == "/control/reset" and method == "POST":
             await _read_body(receive)
-            self.state = State()
+            self.state = State(control=Control(style=self.style))
             self.random = random.Random(0)
             return await _json(send, 200, asdict(self.state.control))
+        if method == "POST" and path.endswith(("/responses", "/completions", "/embeddings")):
+            return await self._other(scope, receive, send, path.rsplit("/", 1)[1], await _read_body(receive))
+        if method == "GET" and "/models/" in path:
+            model = path.split("/models/", 1)[1]
+            if model in formats.MODELS:
+                return await _json(send, 200, formats.model_object(model))
+            return await _json(send, 404, _error(f"The model '{model}' does not exist", "invalid_request_error",
+                                                 "model_not_found"))
         return await _json(send, 404, _error("Not found", "invalid_request_error", "not_found"))
 
     def _refuse_control(self, scope):
@@ -214,6 +266,10 @@ class Simulator:
         try:
             request = json.loads(body)
             messages = request["messages"]
+            # n: that many choices, streamed interleaved, their usage summed (as OpenAI does).
+            choices = 1 if request.get("n") is None else request["n"]
+            if not isinstance(choices, int) or isinstance(choices, bool) or not 1 <= choices <= 128:
+                raise ValueError
         except (ValueError, KeyError, TypeError):
             return await _json(send, 400, _error("Invalid body", "invalid_request_error", None))
         if control.max_concurrent and state.in_flight >= control.max_concurrent:
@@ -234,7 +290,8 @@ class Simulator:
         state.records.append(record)
         state.in_flight += 1
         try:
-            n_tokens = control.default_tokens
+            reply = self._reply(messages, control)
+            n_tokens = reply.length(control)
             if isinstance(request.get("max_completion_tokens") or request.get("max_tokens"), int):
                 n_tokens = min(n_tokens, request.get("max_completion_tokens") or request["max_tokens"])
             prompt_tokens = count_prompt_tokens(messages)
@@ -242,18 +299,27 @@ class Simulator:
             if not record.stream:
                 disconnected, watcher = _watch_disconnect(receive)
                 try:
-                    if control.ttft_seconds and await _wait(disconnected, control.ttft_seconds):
+                    if reply.ttft_seconds and await _wait(disconnected, reply.ttft_seconds):
                         record.disconnected = True
                         return
                 finally:
                     watcher.cancel()
-                text = "".join(self._token(i, control) for i in range(n_tokens))
-                record.tokens_sent = n_tokens
+                texts = ["".join(reply.token(i, control, c) for i in range(n_tokens)) for c in range(choices)]
+                record.tokens_sent = n_tokens * choices
                 record.finished = True
-                return await _json(send, 200, _completion(record.id, model, text, prompt_tokens, count_tokens(text)))
-            await self._stream(receive, send, record, request, model, n_tokens, prompt_tokens)
+                finish = "length" if n_tokens < reply.length(control) else "stop"
+                return await _json(send, 200, _completion(record.id, model, texts, prompt_tokens,
+                                                          sum(count_tokens(text) for text in texts), finish))
+            await self._stream(receive, send, record, request, model, n_tokens, prompt_tokens, reply, choices)
         finally:
             state.in_flight -= 1
+
+    def _reply(self, messages, control) -> Reply:
+        if control.style != "demo":
+            return Reply(None, control.tokens_per_second, control.ttft_seconds)
+        return Reply(_pieces(demo.answer(messages)),
+                     control.tokens_per_second or self.random.uniform(*DEMO_TOKENS_PER_SECOND),
+                     control.ttft_seconds or self.random.uniform(*DEMO_TTFT_SECONDS))
 
     async def _reject_429(self, send, message):
         self.state.rejected_429 += 1
@@ -263,7 +329,7 @@ class Simulator:
             extra_headers=[(b"retry-after", f"{retry:g}".encode())],
         )
 
-    async def _stream(self, receive, send, record, request, model, n_tokens, prompt_tokens):
+    async def _stream(self, receive, send, record, request, model, n_tokens, prompt_tokens, reply, choices=1):
         control = self.state.control
         disconnected, watcher = _watch_disconnect(receive)
 
@@ -285,13 +351,14 @@ class Simulator:
             # A comment first, as providers flush their headers at once (some servers hold them back
             # until the first body bytes).
             await write(b": ok\n\n")
-            if control.ttft_seconds and await _wait(disconnected, control.ttft_seconds):
+            if reply.ttft_seconds and await _wait(disconnected, reply.ttft_seconds):
                 record.disconnected = True
                 return
             created = int(time.time())
             head = f'{{"id":"{record.id}","object":"chat.completion.chunk","created":{created},"model":"{model}","choices":['
-            await write(_sse(head + '{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'))
-            interval = 1.0 / control.tokens_per_second if control.tokens_per_second else 0.0
+            for c in range(choices):
+                await write(_sse(head + f'{{"index":{c},"delta":{{"role":"assistant","content":""}},"finish_reason":null}}]}}'))
+            interval = 1.0 / reply.tokens_per_second if reply.tokens_per_second else 0.0
             next_at = time.perf_counter()
             padding = ',"obfuscation":"' + "." * control.token_padding + '"' if control.token_padding else ""
             encode = tokenizer().encode_ordinary
@@ -319,13 +386,15 @@ class Simulator:
                 else:
                     # A send() that does not block does not yield either: let the disconnect watcher run.
                     await asyncio.sleep(0)
-                token = self._token(i, control)
-                await write(_sse(f'{head}{{"index":0,"delta":{{"content":{json.dumps(token)}}},"finish_reason":null}}]'
-                                 f'{padding}}}'))
-                record.tokens_sent += 1
-                completion_tokens += len(encode(token))
-            finish = "length" if n_tokens < control.default_tokens else "stop"
-            await write(_sse(f'{head}{{"index":0,"delta":{{}},"finish_reason":"{finish}"}}]}}'))
+                for c in range(choices):
+                    token = reply.token(i, control, c)
+                    await write(_sse(f'{head}{{"index":{c},"delta":{{"content":{json.dumps(token)}}},'
+                                     f'"finish_reason":null}}]{padding}}}'))
+                    record.tokens_sent += 1
+                    completion_tokens += len(encode(token))
+            finish = "length" if n_tokens < reply.length(control) else "stop"
+            for c in range(choices):
+                await write(_sse(f'{head}{{"index":{c},"delta":{{}},"finish_reason":"{finish}"}}]}}'))
             if (request.get("stream_options") or {}).get("include_usage"):
                 usage_chunk = {"id": record.id, "object": "chat.completion.chunk", "created": created,
                                "model": model, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
@@ -341,8 +410,145 @@ class Simulator:
         finally:
             watcher.cancel()
 
-    def _token(self, i, control):
-        return f" {WORDS[(i + control.seed) % len(WORDS)]}"
+    # The other endpoints (formats.py writes their wire formats) ------------------------------------------------------
+
+    async def _other(self, scope, receive, send, endpoint, body):
+        """/responses, /completions (legacy) or /embeddings: chat's switches, records, pace and style."""
+        state, control = self.state, self.state.control
+        state.attempts += 1
+        record_id = f"sim{next(state.counter)}"
+        try:
+            request = json.loads(body)
+            if not isinstance(request, dict):
+                raise ValueError("the body must be a JSON object")
+            if endpoint == "embeddings":
+                answer = formats.embeddings(request, count_tokens)
+            else:
+                kind = formats.Responses if endpoint == "responses" else formats.TextCompletions
+                answer = kind(request, record_id, count_tokens, control)
+        except (ValueError, TypeError, RecursionError) as error:
+            return await _json(send, 400, _error(f"Invalid body: {error}", "invalid_request_error", None))
+        if control.max_concurrent and state.in_flight >= control.max_concurrent:
+            return await self._reject_429(send, "Concurrency limit reached")
+        if control.fail_429_rate and self.random.random() < control.fail_429_rate:
+            return await self._reject_429(send, "Rate limit reached")
+        if control.fail_500_rate and self.random.random() < control.fail_500_rate:
+            state.rejected_5xx += 1
+            return await _json(send, 500, _error("The server had an error", "server_error", None))
+        headers = dict(scope.get("headers") or [])
+        record = RequestRecord(id=f"{endpoint}-{record_id}",
+                               client_request_id=headers.get(b"x-client-request-id", b"").decode("latin-1"),
+                               stream=getattr(answer, "stream", False), started=time.time())
+        state.records.append(record)
+        if endpoint == "embeddings":
+            record.finished = True
+            return await _json(send, 200, answer)
+        state.in_flight += 1
+        try:
+            if answer.prompt_tokens is None:
+                answer.prompt_tokens = count_prompt_tokens(answer.messages)
+            reply = self._reply(answer.messages, control)
+            n_tokens = reply.length(control)
+            if answer.max_tokens is not None:
+                n_tokens = min(n_tokens, answer.max_tokens)
+            finish = "length" if n_tokens < reply.length(control) else "stop"
+            if record.stream:
+                return await self._stream_other(receive, send, record, answer, reply, n_tokens, finish)
+            disconnected, watcher = _watch_disconnect(receive)
+            try:
+                if reply.ttft_seconds and await _wait(disconnected, reply.ttft_seconds):
+                    record.disconnected = True
+                    return
+            finally:
+                watcher.cancel()
+            texts = ["".join(reply.token(i, control, c) for i in range(n_tokens)) for c in range(answer.copies)]
+            record.tokens_sent = n_tokens * answer.copies
+            record.finished = True
+            return await _json(send, 200, answer.answer(texts, finish, sum(count_tokens(text) for text in texts)))
+        finally:
+            state.in_flight -= 1
+
+    async def _stream_other(self, receive, send, record, answer, reply, n_tokens, finish):
+        """`answer`'s stream (a formats.py format): its opening events, one event per token at the pace and with the
+        failures the switches set, its closing events."""
+        control = self.state.control
+        disconnected, watcher = _watch_disconnect(receive)
+
+        async def write(payload: bytes):
+            started = record.write_started = time.perf_counter()
+            await send({"type": "http.response.body", "body": payload, "more_body": True})
+            record.write_started = 0.0
+            waited = time.perf_counter() - started
+            if waited > BLOCKED_WRITE_SECONDS:
+                record.blocked_writes += 1
+                record.blocked_seconds += waited
+            record.bytes_sent += len(payload)
+
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+            await write(b": ok\n\n")
+            if reply.ttft_seconds and await _wait(disconnected, reply.ttft_seconds):
+                record.disconnected = True
+                return
+            for event in answer.opening():
+                await write(event)
+            interval = 1.0 / reply.tokens_per_second if reply.tokens_per_second else 0.0
+            next_at = time.perf_counter()
+            padding = "." * control.token_padding
+            encode = tokenizer().encode_ordinary
+            texts = [[] for _ in range(answer.copies)]
+            completion_tokens = 0
+            for i in range(n_tokens):
+                if disconnected.is_set():
+                    record.disconnected = True
+                    return
+                if control.stall_midstream_after and i >= control.stall_midstream_after:
+                    await disconnected.wait()  # a provider that hangs mid-answer: silent until the reader leaves
+                    record.disconnected = True
+                    return
+                if control.fail_midstream_after and i >= control.fail_midstream_after:
+                    await write(answer.failure())
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    record.finished = True
+                    return
+                if interval:
+                    next_at += interval
+                    delay = next_at - time.perf_counter()
+                    if delay > 0 and await _wait(disconnected, delay):
+                        record.disconnected = True
+                        return
+                else:
+                    await asyncio.sleep(0)  # a send() that does not block does not yield: let the watcher run
+                for c in range(answer.copies):
+                    token = reply.token(i, control, c)
+                    await write(answer.delta(c, token, padding))
+                    texts[c].append(token)
+                    record.tokens_sent += 1
+                    completion_tokens += len(encode(token))
+            for event in answer.closing(["".join(text) for text in texts], finish, completion_tokens):
+                await write(event)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            record.finished = True
+        except OSError:
+            record.disconnected = disconnected.is_set()  # servers raise on send() after the peer went away
+            if not record.disconnected:
+                raise
+        finally:
+            watcher.cancel()
+
+
+def _pieces(text) -> tuple:
+    """`text` as the deltas a provider streams: one token each (a character split across tokens waits for the rest)."""
+    encoding, pieces, pending = tokenizer(), [], b""
+    for token in encoding.encode_ordinary(text):
+        pending += encoding.decode_single_token_bytes(token)
+        try:
+            pieces.append(pending.decode())
+        except UnicodeDecodeError:
+            continue
+        pending = b""
+    return tuple(pieces)
 
 
 def _watch_disconnect(receive):
@@ -397,10 +603,11 @@ def _usage(prompt_tokens, completion_tokens):
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _completion(id_, model, text, prompt_tokens, completion_tokens):
+def _completion(id_, model, texts, prompt_tokens, completion_tokens, finish="stop"):
     return {
         "id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": [{"index": c, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                    for c, text in enumerate(texts)],
         "usage": _usage(prompt_tokens, completion_tokens),
     }
 

@@ -1,4 +1,4 @@
-"""One chat completion's whole life, top to bottom: admit → open the provider's stream → relay → settle.
+"""One completion's whole life, top to bottom: admit → open the provider's stream → relay → settle.
 
     admit     take a concurrent-stream slot, check the model, insert the ledger row (status `streaming`), then
               lease the prompt and a first block of tokens (a refusal is settled at once, as a `rejected` row);
@@ -11,6 +11,10 @@ The ledger row is inserted before any token is leased, so that a counter store r
 moment counts every admitted request (docs/quotas.md). While a stream runs, its row records progress (the
 completion tokens sent) at each lease and each renewal: if this process dies, another settles the row from it
 (quotas/domain/recovery.py).
+
+`Completion` is a chat completion's; the other endpoints' (responses.py, text_completions.py, embeddings.py) subclass
+it and override what differs: the provider's endpoint, the prompt's count, the provider's body, the relay's wire
+format, and for embeddings what is reserved.
 """
 
 import asyncio
@@ -30,10 +34,13 @@ from quotas.domain.recovery import reaper
 from quotas.models import Usage
 from streaming.errors import duration
 from streaming.provider import retries
+from streaming.provider.client import token_limit_field
+from streaming.provider.endpoints import CHAT
 from streaming.provider.errors import UpstreamError
 from streaming.telemetry import live, metrics
 
 from .relay import Relay
+from .usage import read_usage
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,8 @@ STREAM_HEADERS = {
 
 class Completion:
     """`await Completion(caller, chat, url).respond()` → the HTTP response (streaming or not)."""
+
+    endpoint = CHAT  # the provider's endpoint: its path, and how its stream's events are classified
 
     def __init__(self, caller, chat, provider_url):
         self.caller = caller  # streaming.gateway.middleware.Caller: who, with which limits
@@ -75,10 +84,12 @@ class Completion:
         keep_alive = asyncio.ensure_future(self._keep_alive())
         try:
             if not self.chat.stream:
-                raw = await retries.complete(self.url, self._provider_body(), self.request_id, self.caller.user_id)
+                raw = await retries.complete(self.url, self._provider_body(), self.request_id, self.caller.user_id,
+                                             self.endpoint)
                 await self._settle("completed", reported_usage=_usage_of(raw))
                 return self._with_token_headers(HttpResponse(raw, content_type="application/json"))
-            events = await retries.open_stream(self.url, self._provider_body(), self.request_id, self.caller.user_id)
+            events = await retries.open_stream(self.url, self._provider_body(), self.request_id, self.caller.user_id,
+                                               self.endpoint)
         except UpstreamError as error:
             await self._settle("upstream_error", reason=error.code, charge_prompt=False)
             raise
@@ -87,23 +98,21 @@ class Completion:
             raise
         finally:
             keep_alive.cancel()
-        relay = self.relay = Relay(
+        relay = self.relay = self._relay(
             events, request_id=self.request_id, include_usage=self.chat.include_usage, meter=self._cover,
             heartbeat=self._heartbeat, on_stall=lambda: self._finish(relay, "client_stalled"), started=self.started,
-            settings=settings, prompt_tokens=self.lease.prompt_tokens, max_tokens=self.lease.max_tokens)
+            settings=settings, prompt_tokens=self.lease.prompt_tokens, max_tokens=self.lease.max_tokens,
+            choices=self.chat.choices)
         response = StreamingHttpResponse(self._stream(relay), content_type="text/event-stream", headers=STREAM_HEADERS)
         return self._with_token_headers(response)
 
     async def _admit(self):
         caller, chat, limits = self.caller, self.chat, self.caller.limits
-        if _prompt_chars(chat.messages) > PROMPT_COUNT_IN_THREAD_CHARS:
-            prompt_tokens = await asyncio.to_thread(estimate_prompt_tokens, chat.messages)
-        else:
-            prompt_tokens = estimate_prompt_tokens(chat.messages)
+        prompt_tokens = await self._count_prompt()
         plan_max = limits.max_tokens_per_request
         self.row = ledger.ledger_row(
             request_id=self.request_id, user_id=caller.user_id, api_key_id=caller.api_key_id, model=chat.model,
-            stream=chat.stream, reserved_tokens=prompt_tokens + min(chat.max_tokens or plan_max, plan_max),
+            stream=chat.stream, reserved_tokens=prompt_tokens + self._completion_budget(plan_max),
             windows=self.lease.windows)
         self.row.prompt_tokens = prompt_tokens
         metrics.SETTLING.inc()
@@ -113,7 +122,7 @@ class Completion:
             if not limits.allows_model(chat.model, settings.SLUICE_MODELS):
                 raise ModelNotAllowed(chat.model)
             await ledger.open_ledger(self.row)
-            await self.lease.admit(prompt_tokens, chat.max_tokens, chat.stream)
+            await self._lease_admission(prompt_tokens)
         except QuotaRefusal as refusal:
             metrics.REFUSALS.labels(refusal.code).inc()
             await self._settle("rejected", reason=refusal.code, charge_prompt=False)
@@ -163,16 +172,19 @@ class Completion:
     async def _settle_now(self, status, figures, reported_usage, reason, charge_prompt):
         lease = self.lease
         reported = bool(reported_usage) and status == "completed"
+        details = {}
         if reported:
-            prompt_tokens = _count(reported_usage.get("prompt_tokens"))
-            completion_tokens = _count(reported_usage.get("completion_tokens"))
+            usage = read_usage(reported_usage)
+            prompt_tokens, completion_tokens = usage.prompt_tokens, usage.completion_tokens
+            details = {"cached_tokens": usage.cached_tokens, "reasoning_tokens": usage.reasoning_tokens}
         else:
             # Interrupted: the prompt as estimated, the completion as metered — never the maximum.
             prompt_tokens = lease.prompt_tokens if charge_prompt else 0
             completion_tokens = figures.completion_tokens if figures else 0
         charged = await self._chargeable(prompt_tokens + completion_tokens)
         fields = {"status": status, "reason": reason, "prompt_tokens": prompt_tokens,
-                  "completion_tokens": completion_tokens, "usage_reported": reported, "charged_tokens": charged}
+                  "completion_tokens": completion_tokens, "usage_reported": reported, "charged_tokens": charged,
+                  **details}
         ttft = None
         if figures is not None:
             if figures.first_token_at:
@@ -238,18 +250,40 @@ class Completion:
             if not self._settled:
                 self._record_progress(self.relay.figures.completion_tokens if self.relay is not None else 0)
 
+    # What the other endpoints override ---------------------------------------------------------------------------
+
+    async def _count_prompt(self) -> int:
+        """The prompt's tokens, as the provider will count them (estimated: settlement charges the provider's own)."""
+        return await count_messages(self.chat.messages)
+
+    def _completion_budget(self, plan_max) -> int:
+        """The most completion tokens the request may use, reserved in its ledger row at admission."""
+        chat = self.chat
+        return min(chat.max_tokens or plan_max, plan_max) * chat.choices
+
+    async def _lease_admission(self, prompt_tokens):
+        """Lease the prompt and the completion's first block, clamping max_tokens; raises QuotaExceeded."""
+        chat = self.chat
+        await self.lease.admit(prompt_tokens, chat.max_tokens, chat.stream, chat.choices)
+
+    def _relay(self, events, **options) -> Relay:
+        return Relay(events, **options)
+
     # Helpers -----------------------------------------------------------------------------------------------------
 
     def _provider_body(self):
+        """The client's body as it sent it (issue 16: fields Sluice does not read pass untouched), with the clamped
+        token limit and Sluice's own stream options."""
         chat = self.chat
         body = {"model": chat.model, "messages": chat.messages, **chat.options}
-        # The clamped budget, under the name the client used (max_tokens when it gave none).
-        name = "max_completion_tokens" if "max_completion_tokens" in chat.raw_fields else "max_tokens"
-        body[name] = self.lease.max_tokens
+        # The clamped budget in the field(s) the client used; if none, in the one the provider expects.
+        for name in chat.limit_fields or (token_limit_field(self.url),):
+            body[name] = self.lease.max_tokens
         if chat.stream:
-            # Always ask for usage, to charge exactly; the relay strips it unless the client asked.
+            # Always ask for usage, to charge exactly; the relay strips it unless the client asked. The client's
+            # other stream options are kept.
             body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
+            body["stream_options"] = {**(chat.stream_options or {}), "include_usage": True}
         return body
 
     def _with_token_headers(self, response):
@@ -259,6 +293,13 @@ class Completion:
             response["x-ratelimit-remaining-tokens"] = str(lease.remaining)
             response["x-ratelimit-reset-tokens"] = duration(lease.windows[0].seconds_left(timezone.now()))
         return response
+
+
+async def count_messages(messages) -> int:
+    """The tokens of a prompt in chat's format (policy.estimate_prompt_tokens), counted in a thread when long."""
+    if _prompt_chars(messages) > PROMPT_COUNT_IN_THREAD_CHARS:
+        return await asyncio.to_thread(estimate_prompt_tokens, messages)
+    return estimate_prompt_tokens(messages)
 
 
 def _prompt_chars(messages) -> int:
@@ -272,14 +313,6 @@ def _prompt_chars(messages) -> int:
             total += sum(len(part["text"]) for part in content
                          if isinstance(part, dict) and isinstance(part.get("text"), str))
     return total
-
-
-def _count(value) -> int:
-    """A token count from a provider's usage: a non-negative integer, whatever it sent."""
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError):
-        return 0
 
 
 def _usage_of(raw: bytes):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from quotas.domain.exceptions import CounterStoreDown, QuotaRefusal
 from streaming.errors import MAPPED, ApiError, api_error
 from streaming.provider.errors import UpstreamError
-from streaming.provider.events import CHUNK, DONE, ERROR
+from streaming.provider.events import CHUNK, DONE, ERROR, choice_tokens
 
 from .buffer import PrefetchBuffer, StreamFigures
 from .watchdog import Watchdog
@@ -35,6 +35,7 @@ DONE_EVENT = b"data: [DONE]\n\n"
 # How long a provider that sent [DONE] gets to end its body, so that its connection returns to the pool.
 DRAIN_SECONDS = 0.25
 OVERRUN = object()  # the provider streamed past max_tokens
+ALL_CUT = object()  # n > 1: every choice streamed past max_tokens (each was ended with "length")
 # The relays writing a response in this process now, for the server's drain (end_all).
 running: "weakref.WeakSet[Relay]" = weakref.WeakSet()
 SHUTDOWN = ApiError("The server is restarting: retry the request.", status=503, type="server_error",
@@ -61,15 +62,27 @@ class Ending:
 class Relay:
     """One streaming response's body. `meter(total)` is awaited before the client is sent more completion tokens
     than `covered` (the total it returned last): it returns the new covered total, or raises the refusal (a quota
-    exhausted) that ends the stream with an error event."""
+    exhausted) that ends the stream with an error event.
+
+    Chat's wire format; the legacy text completions and the Responses API subclass it (text_completions.py,
+    responses.py), overriding the class attributes and the methods that write Sluice's own events (_ending, _overrun,
+    _error_event): what they change costs chat nothing per event."""
+
+    HEAD = b"data: "  # what precedes each event's `data` (Event.data) in the client's stream
+    CHUNK_OBJECT = "chat.completion.chunk"  # the `object` of a chunk Sluice writes
 
     def __init__(self, events, *, request_id, include_usage, meter, heartbeat, on_stall, started, settings,
-                 prompt_tokens=0, max_tokens=None):
+                 prompt_tokens=0, max_tokens=None, choices=1):
         self.request_id = request_id
         self.events = events
         self.include_usage = include_usage
         self.prompt_tokens = prompt_tokens  # Sluice's estimate, for a usage chunk of its own
         self.max_tokens = max_tokens  # the completion's budget: a provider that overruns it is cut there
+        # n: with more than one choice, max_tokens binds each on its own (_per_choice).
+        self.choices = choices
+        self._choice_tokens = {}  # index -> tokens relayed
+        self._choices_ended = set()  # indexes with a finish_reason, or cut at max_tokens
+        self._choices_cut = set()
         self.finished = False  # a finish_reason came
         self.last_chunk = None  # the last chunk's payload: its id, model and created stamp, for chunks of Sluice's
         self.meter = meter
@@ -129,7 +142,7 @@ class Relay:
         The events of one read are buffered as one part (one write to a client that keeps up, coalesced with more
         for one that doesn't).
         """
-        figures, include_usage = self.figures, self.include_usage
+        figures, include_usage, head = self.figures, self.include_usage, self.HEAD
         final = b""
         first = True
         try:
@@ -149,12 +162,14 @@ class Relay:
                         self.last_chunk = event.data
                         if event.usage:
                             self.reported_usage = event.usage
-                        if event.finished:
+                        data, tokens, cut = event.data, event.tokens, ()
+                        if self.choices > 1 and event.has_choices:
+                            data, tokens, cut = self._per_choice(event)
+                        elif event.finished:
                             self.finished = True
-                        tokens = event.tokens
                         if tokens:
                             total = figures.completion_tokens + tokens
-                            if self.max_tokens is not None and total > self.max_tokens:
+                            if self.choices == 1 and self.max_tokens is not None and total > self.max_tokens:
                                 stop = OVERRUN  # the provider ignored max_tokens: the gateway enforces it
                                 break
                             if total > self.covered:
@@ -168,7 +183,14 @@ class Relay:
                                 figures.first_token_at = time.monotonic()
                         elif event.usage and not event.has_choices and not include_usage:
                             continue  # Sluice always asks for usage; the client gets it only if it asked
-                        parts.append(b"data: " + event.data + b"\n\n")
+                        if data is not None:
+                            parts.append(head + data + b"\n\n")
+                        if cut:
+                            parts.extend(self._chunk_of_ours({"choices": [
+                                {"index": index, "delta": {}, "finish_reason": "length"}]}) for index in cut)
+                            if len(self._choices_cut) >= self.choices:
+                                stop = ALL_CUT
+                                break
                     elif kind == DONE:
                         self.outcome = self.outcome or "completed"
                         # The client has its answer now; read the body's end so the provider's connection goes
@@ -188,7 +210,7 @@ class Relay:
                     part = parts[0] if len(parts) == 1 else b"".join(parts)
                     # put() waits while the client is behind: meanwhile this frame holds no other copy of the
                     # events (the read's payloads, the parts).
-                    batch = parts = event = None
+                    batch = parts = event = data = None
                     await self.buffer.put(part)
                     part = None
                     if first:
@@ -196,10 +218,13 @@ class Relay:
                         # One loop turn, for the response to write the first token before this task reads on: a
                         # provider that is ahead would otherwise keep it relaying the rest of its answer first.
                         await asyncio.sleep(0)
+                if stop is ALL_CUT:
+                    self.outcome = "completed"
+                    self.buffer.end(self._ending())
+                    return
                 if stop is OVERRUN:
                     self.outcome = "completed"
-                    self.buffer.end(self._chunk_of_ours({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
-                                    + self._ending())
+                    self.buffer.end(self._overrun())
                     return
                 if stop is not None:
                     raise stop
@@ -226,6 +251,42 @@ class Relay:
         if not self.buffer.ended:
             self.buffer.end(final)
 
+    def _per_choice(self, event):
+        """n > 1: each choice held to max_tokens on its own. A choice whose next delta would pass it is ended there
+        with a chunk of Sluice's (finish_reason "length" for its index) and what it sends after is dropped, while the
+        others go on. Returns (the payload to relay, None for nothing; its tokens; the indexes ended now). Parses the
+        payload a second time: only requests with n > 1 pay for it."""
+        chunk = json.loads(event.data)
+        choices = chunk["choices"]
+        kept, cut, tokens = [], [], 0
+        for choice in choices:
+            if not isinstance(choice, dict):
+                kept.append(choice)
+                continue
+            index = choice.get("index", 0)
+            index = index if isinstance(index, int) else 0
+            if index in self._choices_cut:
+                continue
+            used, count = self._choice_tokens.get(index, 0), choice_tokens(choice)
+            if self.max_tokens is not None and used + count > self.max_tokens:
+                self._choices_cut.add(index)
+                self._choices_ended.add(index)
+                cut.append(index)
+                continue
+            self._choice_tokens[index] = used + count
+            tokens += count
+            if choice.get("finish_reason"):
+                self._choices_ended.add(index)
+            kept.append(choice)
+        if len(self._choices_ended) >= self.choices:
+            self.finished = True
+        if len(kept) == len(choices):
+            return event.data, tokens, cut
+        if not kept and not event.usage:
+            return None, tokens, cut
+        chunk["choices"] = kept
+        return json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode(), tokens, cut
+
     def _ending(self) -> bytes:
         """The stream's last events: a usage chunk of Sluice's own count if the client asked for usage and the
         provider sent none (the ledger then says the count is Sluice's), and [DONE]."""
@@ -236,13 +297,17 @@ class Relay:
             return self._chunk_of_ours({"choices": [], "usage": usage}) + DONE_EVENT
         return DONE_EVENT
 
+    def _overrun(self) -> bytes:
+        """The stream's end when the provider passed max_tokens: the answer ends there, as if at its limit."""
+        return self._chunk_of_ours({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}) + self._ending()
+
     def _chunk_of_ours(self, fields) -> bytes:
         """A chunk Sluice writes into the stream, with the provider's id, model and created stamp."""
         try:
             last = json.loads(self.last_chunk) if self.last_chunk else {}
         except ValueError:
             last = {}
-        chunk = {"id": last.get("id", self.request_id), "object": "chat.completion.chunk",
+        chunk = {"id": last.get("id", self.request_id), "object": self.CHUNK_OBJECT,
                  "created": last.get("created", int(time.time())), "model": last.get("model", ""), **fields}
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
@@ -258,7 +323,11 @@ class Relay:
         else:
             self.outcome = "upstream_error"
         self.reason = api.code or ""
-        return api.sse_event()
+        return self._error_event(api)
+
+    def _error_event(self, error: ApiError) -> bytes:
+        """The event(s) that end a stream cut short: the error, in OpenAI's shape (SDKs raise it as APIError)."""
+        return error.sse_event()
 
     async def end_early(self, outcome, error: ApiError):
         """Stop the provider and end the client's stream with `error` as its last event (the watchdog's timers, the
@@ -269,7 +338,7 @@ class Relay:
         self._pump_task.cancel()
         await self.events.aclose()
         if not self.buffer.ended:
-            self.buffer.end(error.sse_event())
+            self.buffer.end(self._error_event(error))
 
     async def close(self, outcome=None) -> Ending:
         """Stop reading the provider and close its stream; returns how the stream ended: `outcome` when the caller

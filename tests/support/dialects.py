@@ -9,9 +9,20 @@ Each reproduces a wire format seen from real servers (issue 14's findings), byte
     ignores-max-tokens  streams three times the max_tokens it was sent
     reasoning           streams `delta.reasoning` (vLLM >= 0.17, OpenRouter) before `delta.content`
     rejects             answers 400 with OpenAI's error JSON naming a field it refuses (and a URL and a key of its own)
+    rejects-max-tokens  refuses `max_tokens` as OpenAI's reasoning models do (400 unsupported_parameter), answers
+                        otherwise, within `max_completion_tokens`
+    max-tokens-only     refuses `max_completion_tokens` as servers that know only `max_tokens` do
+    echo                a plain answer (any other name that is none of these answers the same way)
     recorded-<sample>   a sample of the recorded corpus (tests/quotas/domain/corpus/: english, python, chinese,
                         japanese, tool_calls) in bursts of 2-8 tokens, as servers that flush several tokens at once send
                         them, whatever max_tokens says; usage is the sample's recorded count (none: `-no-usage`)
+    replay-<name>       a stream recorded in a server's wire format (tests/support/dialects/<name>.sse: the body's bytes,
+                        comments included, sent an event at a time) or, not streaming, its JSON (<name>.json); what
+                        they hold is described in tests/support/dialects/README.md
+
+With `n`, the plain dialects answer n choices (interleaved when streaming; `ignores-max-tokens` overruns each), their
+usage summed. Every request body is kept (the last 500), by its X-Client-Request-Id: `GET /received/<id>` answers it
+as it arrived, so that a test sees what the gateway forwarded.
 
 Served in a process of its own: `python -m uvicorn tests.support.dialects:app --port N`. Every answer is made of
 the word " tok" repeated (one token per chunk, as most servers stream), `max_tokens` of them (default 20).
@@ -20,8 +31,13 @@ the word " tok" repeated (one token per chunk, as most servers stream), `max_tok
 import asyncio
 import json
 import time
+from collections import OrderedDict
+from pathlib import Path
 
 HIDDEN_REASONING_TOKENS = 500
+CORPUS = Path(__file__).with_name("dialects")
+RECEIVED = OrderedDict()  # X-Client-Request-Id -> the request body, as it arrived
+KEEP_RECEIVED = 500
 
 
 async def app(scope, receive, send):
@@ -42,6 +58,15 @@ async def app(scope, receive, send):
     if scope["path"].endswith("/models"):
         await _json(send, 200, {"object": "list", "data": []})
         return
+    if scope["path"].startswith("/received/"):
+        received = RECEIVED.get(scope["path"].removeprefix("/received/"))
+        await _raw(send, 200 if received is not None else 404, received or b"{}")
+        return
+    request_id = dict(scope.get("headers") or []).get(b"x-client-request-id", b"").decode("latin-1")
+    if request_id:
+        RECEIVED[request_id] = body
+        while len(RECEIVED) > KEEP_RECEIVED:
+            RECEIVED.popitem(last=False)
     request = json.loads(body or b"{}")
     dialect = request.get("model", "")
     if dialect == "rejects":
@@ -50,13 +75,20 @@ async def app(scope, receive, send):
                        "for key sk-proj-abcdefghijkl)", "type": "invalid_request_error", "param": "temperature",
             "code": None}})
         return
+    if refused := _refused_limit_field(dialect, request):
+        await _json(send, 400, {"error": refused})
+        return
     if dialect.startswith("recorded-"):
         await _recorded(send, request, dialect)
+        return
+    if dialect.startswith("replay-"):
+        await _replay(send, request, dialect.removeprefix("replay-"))
         return
     wanted = request.get("max_completion_tokens") or request.get("max_tokens") or 20
     prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in request.get("messages", []))
     streamed = wanted * 3 if dialect == "ignores-max-tokens" else wanted
-    completion_tokens = streamed + (HIDDEN_REASONING_TOKENS if dialect == "over-reported" else 0)
+    choices = request.get("n") or 1
+    completion_tokens = streamed * choices + (HIDDEN_REASONING_TOKENS if dialect == "over-reported" else 0)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     if dialect == "over-reported":
@@ -64,8 +96,8 @@ async def app(scope, receive, send):
     if not request.get("stream"):
         await _json(send, 200, {
             "id": "chatcmpl-dialect", "object": "chat.completion", "created": int(time.time()), "model": dialect,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": " tok" * streamed},
-                         "finish_reason": "stop"}],
+            "choices": [{"index": c, "message": {"role": "assistant", "content": " tok" * streamed},
+                         "finish_reason": "stop"} for c in range(choices)],
             **({} if dialect == "no-usage" else {"usage": usage})})
         return
     await send({"type": "http.response.start", "status": 200,
@@ -75,21 +107,24 @@ async def app(scope, receive, send):
     async def event(payload):
         await send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n", "more_body": True})
 
-    def chunk(delta, finish_reason=None, **extra):
+    def chunk(delta, finish_reason=None, index=0):
         return json.dumps({"id": "chatcmpl-dialect", "object": "chat.completion.chunk", "created": 1700000000,
-                           "model": dialect, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-                           **extra}).encode()
+                           "model": dialect,
+                           "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}).encode()
 
-    await event(chunk({"role": "assistant", "content": ""}))
+    for c in range(choices):
+        await event(chunk({"role": "assistant", "content": ""}, index=c))
     thinking = streamed // 2 if dialect == "reasoning" else 0  # reasoning counts within max_tokens, as in vLLM
     for _ in range(thinking):
         await event(chunk({"reasoning": " think"}))
     sent = (streamed if dialect != "truncated" else max(1, streamed // 2)) - thinking
     for _ in range(sent):
-        await event(chunk({"content": " tok"}))
+        for c in range(choices):
+            await event(chunk({"content": " tok"}, index=c))
         await asyncio.sleep(0)
     if dialect != "truncated":
-        await event(chunk({}, "stop"))
+        for c in range(choices):
+            await event(chunk({}, "stop", index=c))
         if include_usage and dialect != "no-usage":
             await event(json.dumps({"id": "chatcmpl-dialect", "object": "chat.completion.chunk",
                                     "created": 1700000000, "model": dialect, "choices": [], "usage": usage}).encode())
@@ -126,8 +161,40 @@ async def _recorded(send, request, dialect):
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def _refused_limit_field(dialect, request):
+    """The error a server gives for a token-limit field it does not take, or None."""
+    if dialect == "rejects-max-tokens" and "max_tokens" in request:
+        # OpenAI's answer for its reasoning models (o-series, gpt-5).
+        return {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                           "'max_completion_tokens' instead.", "type": "invalid_request_error", "param": "max_tokens",
+                "code": "unsupported_parameter"}
+    if dialect == "max-tokens-only" and "max_completion_tokens" in request:
+        return {"message": "Unrecognized request argument supplied: max_completion_tokens",
+                "type": "invalid_request_error", "param": None, "code": None}
+    return None
+
+
+async def _replay(send, request, name):
+    """A recorded answer, as the server sent it: the stream's body an event at a time (comments included), or the
+    JSON answer when not streaming."""
+    if not request.get("stream"):
+        await _raw(send, 200, (CORPUS / f"{name}.json").read_bytes())
+        return
+    recording = (CORPUS / f"{name}.sse").read_bytes()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+    for event in recording.split(b"\n\n"):
+        if event.strip():
+            await send({"type": "http.response.body", "body": event + b"\n\n", "more_body": True})
+            await asyncio.sleep(0)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 async def _json(send, status, payload):
-    body = json.dumps(payload).encode()
+    await _raw(send, status, json.dumps(payload).encode())
+
+
+async def _raw(send, status, body: bytes):
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx2
 from hypothesis import strategies as st
 
-from streaming.gateway.validation import KNOWN_FIELDS, MAX_DEPTH, ROLES
+from streaming.gateway.validation import INTERPRETED_FIELDS, MAX_DEPTH, ROLES
 from streaming.gateway.views import OPENAPI_DOCUMENT
 from tests.support.gateways import sign_in
 
@@ -99,7 +99,7 @@ MESSAGE = st.fixed_dictionaries(
                                                                              max_size=3))})
 PLAUSIBLE = {
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "max_tokens": st.integers(1, 8), "max_completion_tokens": st.integers(1, 8), "n": st.just(1),
+    "max_tokens": st.integers(1, 8), "max_completion_tokens": st.integers(1, 8), "n": st.integers(1, 3),
     "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "stop": st.lists(st.text(max_size=4), max_size=4),
     "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
     "logit_bias": st.dictionaries(st.integers(0, 100).map(str), st.integers(-100, 100), max_size=2),
@@ -110,8 +110,12 @@ PLAUSIBLE = {
     "metadata": st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=2),
     "reasoning_effort": st.sampled_from(["low", "medium", "high"]), "service_tier": st.just("auto"),
     "store": st.booleans(),
+    # Fields Sluice does not read, forwarded untouched (issue 16): a few the SDK types and a few of vLLM's extra_body.
+    "prediction": st.just({"type": "content", "content": "x"}), "modalities": st.just(["text"]),
+    "verbosity": st.sampled_from(["low", "high"]), "top_k": st.integers(-1, 50), "min_p": st.floats(0, 1),
+    "chat_template_kwargs": st.dictionaries(st.text(max_size=8), st.booleans(), max_size=2),
 }
-assert set(PLAUSIBLE) == KNOWN_FIELDS - {"model", "messages"}, "a chat field without a plausible value"
+assert INTERPRETED_FIELDS - {"model", "messages"} <= set(PLAUSIBLE), "a chat field without a plausible value"
 MUTANTS = st.one_of(TREES, HOSTILE_NUMBERS, HOSTILE_STRINGS, SURROGATES, SURROGATES.map(Utf8), DEEP)
 
 
@@ -130,8 +134,9 @@ def chat_bodies(draw):
 
 
 # Names to add where a mutation adds a key: the ones the gateway reads at any depth, and a stranger.
-NAMES = st.one_of(st.sampled_from(sorted(KNOWN_FIELDS | {"include_usage", "role", "content", "type", "text", "name",
-                                                         "tool_calls", "tool_call_id", "image_url", "url"})), STRINGS)
+NAMES = st.one_of(st.sampled_from(sorted(INTERPRETED_FIELDS | set(PLAUSIBLE) | {
+    "include_usage", "role", "content", "type", "text", "name", "tool_calls", "tool_call_id", "image_url", "url"})),
+    STRINGS)
 
 
 def _mutate(draw, body):

@@ -267,8 +267,9 @@ def assert_raw_answers(method: bytes, target: bytes, responses, complete: bool, 
     for response in responses:
         assert response.status < 500, (where, response.status, response.head[:300], response.body[:300])
         # RFC 9110 9.3.2: a body would be read as the start of the next answer. A request line Twisted cannot parse
-        # (a target with bytes outside visible ASCII) is not known to be HEAD: it is answered as what it is, not HTTP.
-        if method.upper() == b"HEAD" and _visible_ascii(target):
+        # (a target with bytes outside visible ASCII, a version other than HTTP/1.x) is not known to be HEAD: it is
+        # answered as what it is, not HTTP (the server's "could not be parsed as HTTP/1.1" 400).
+        if method.upper() == b"HEAD" and _visible_ascii(target) and b"could not be parsed as HTTP" not in response.body:
             assert not response.body, (where, "a body in the answer to HEAD", response.head[:300], response.body[:300])
     if not responses:
         return

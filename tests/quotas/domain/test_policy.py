@@ -81,6 +81,10 @@ def test_max_tokens_is_clamped_to_plan_and_remaining():
     assert policy.clamp_max_tokens(100, 512, 10_000) == 100
     assert policy.clamp_max_tokens(1000, 512, 40) == 40
     assert policy.clamp_max_tokens(5, 512, 0) == 0
+    # n choices share what remains; each gets the same budget (issue 16).
+    assert policy.clamp_max_tokens(None, 512, 100, choices=3) == 33
+    assert policy.clamp_max_tokens(20, 512, 100, choices=3) == 20
+    assert policy.clamp_max_tokens(None, 512, 2, choices=3) == 0
 
 
 def test_lease_sizes():

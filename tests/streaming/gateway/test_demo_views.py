@@ -37,6 +37,8 @@ def test_the_page_inlines_its_script_and_styles_verbatim(make_user):
     # They are included as templates: a stray template tag in them would be silently eaten.
     page = signed_in(Client(), make_user().user).get("/").content.decode()
     assert (TEMPLATES / "demo/chat.js").read_text() in page
+    assert (TEMPLATES / "demo/markdown.js").read_text() in page
+    assert (TEMPLATES / "demo/chats.js").read_text() in page
     assert (TEMPLATES / "demo/sluice.css").read_text() in page
     assert "sk-sluice-" not in page  # no API key in the page
 

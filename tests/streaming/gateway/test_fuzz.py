@@ -18,6 +18,7 @@ test_fuzz.py`. What it found is pinned down in test_fuzz_findings.py.
 
 import json
 import os
+import re
 
 import httpx2
 import pytest
@@ -100,6 +101,8 @@ def test_the_document_lists_every_v1_route_with_its_methods():
     for pattern in urls.urlpatterns:
         route = getattr(pattern.pattern, "_route", None)  # path() routes; the re_path catch-all is not an operation
         if route is not None and (route.startswith("v1/") or route in ("healthz", "readyz", "openapi.json")):
+            # A path converter is a template parameter: v1/models/<path:model> is /v1/models/{model}.
+            route = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route)
             routes["/" + route] = {method.lower() for method in pattern.callback.allowed_methods}
     assert "/v1/chat/completions" in routes and len(routes) >= 6
     documented = {path: set(operations) - {"parameters", "summary", "description"}

@@ -192,3 +192,68 @@ async def test_reasoning_is_metered_as_it_streams(dialects):
     assert body.count(b'"reasoning": " think"') == 10 and body.count(b'"content": " tok"') == 10
     assert ending.figures.completion_tokens == 20
     assert meter.calls[0] <= 10  # the meter was asked during the thinking, before any answer text
+
+
+# n > 1: each choice held to max_tokens on its own (issue 16, item 2). The provider here is a list of payloads: chunks
+# that carry several choices at once, which no dialect of the simulator sends.
+
+
+class Payloads:
+    """A provider's stream made of the given payloads, one read each."""
+
+    awaiting_first_token = False
+
+    def __init__(self, *chunks):
+        from streaming.provider.events import classify
+
+        self.batches = [[classify(chunk if isinstance(chunk, bytes) else json.dumps(chunk).encode())]
+                        for chunk in chunks]
+
+    async def read_batch(self):
+        return self.batches.pop(0) if self.batches else None
+
+    async def aclose(self):
+        self.batches = []
+
+
+def choices_chunk(*choices):
+    return {"id": "chatcmpl-n", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
+                        for index, text, finish in choices]}
+
+
+async def relay_of(events, max_tokens, choices):
+    async def nothing():
+        return None
+
+    relay = Relay(events, request_id="req_relay_n", include_usage=False, meter=Meter(10_000), heartbeat=nothing,
+                  on_stall=nothing, started=asyncio.get_running_loop().time(), settings=relay_settings(),
+                  max_tokens=max_tokens, choices=choices)
+    body = b"".join([part async for part in relay.parts()])
+    return [json.loads(p) if p != b"[DONE]" else "[DONE]" for p in payloads(body)], await relay.close()
+
+
+async def test_a_choice_past_its_max_tokens_is_ended_while_the_others_go_on():
+    sent, ending = await relay_of(Payloads(
+        choices_chunk((0, " a", None), (1, " b", None)),
+        choices_chunk((0, " a a a", None), (1, " b", None)),  # choice 0 would reach 4 of 3
+        choices_chunk((0, " a", None), (1, " b", None)),
+        choices_chunk((0, None, "stop"), (1, None, "stop")),
+        b"[DONE]"), max_tokens=3, choices=2)
+    relayed = [[(c["index"], c["delta"].get("content"), c["finish_reason"]) for c in chunk["choices"]]
+               for chunk in sent[:-1]]
+    assert relayed == [
+        [(0, " a", None), (1, " b", None)],
+        [(1, " b", None)], [(0, None, "length")],  # the chunk without choice 0, then Sluice's end of it
+        [(1, " b", None)],
+        [(1, None, "stop")],
+    ] and sent[-1] == "[DONE]"
+    assert (ending.outcome, ending.figures.completion_tokens) == ("completed", 4)
+
+
+async def test_when_every_choice_is_past_its_max_tokens_the_stream_ends():
+    sent, ending = await relay_of(Payloads(
+        *[choices_chunk((0, " a", None), (1, " b", None))] * 5, b"[DONE]"), max_tokens=2, choices=2)
+    finishes = [(c["index"], c["finish_reason"]) for chunk in sent[:-1] for c in chunk["choices"] if c["finish_reason"]]
+    assert finishes == [(0, "length"), (1, "length")] and sent[-1] == "[DONE]"
+    assert (ending.outcome, ending.figures.completion_tokens) == ("completed", 4)
