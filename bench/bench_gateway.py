@@ -8,12 +8,14 @@ the gateway-vs-direct ratios. With --profile, a py-spy pass at 50 streams lists 
 """
 
 import asyncio
+import os
+import subprocess
 import time
 
 import psutil
 
 from .common import (
-    ProcessMonitor, bench_database, chat_body, closed_loop, fmt, gateway, gateway_env, mb, percentile,
+    HOST, PROJECT_ROOT, PY, ProcessMonitor, bench_database, secret_key, chat_body, closed_loop, fmt, gateway, gateway_env, mb, percentile,
     describe_scheduling, log_exceptions, print_profile, raise_nofile, run_queue_wait, say, simulator, start_profile,
     stream_chat, summarize_errors, table, verdict,
 )
@@ -35,6 +37,20 @@ WARMUP = 5
 TARGET_CPU_US_PER_TOKEN = 65
 TARGET_TTFT_ADDED_MS = 3
 TARGET_IDLE_RSS_MB = 120
+# Routing (issue 17): one-stream TTFT for a model with three weighted deployments over two priorities, against one
+# with a single deployment, in alternating rounds (the same gateway, the same simulator).
+TARGET_ROUTING_ADDED_MS = 0.3
+ROUTING_ROUNDS, ROUTING_PER_ROUND, ROUTING_TOKENS = 4, 100, 2
+ROUTED_SCRIPT = r"""
+import sys
+import django
+django.setup()
+from streaming.catalogue.models import Deployment, Provider, ServedModel
+provider = Provider.objects.create(name="bench-routed", base_url=sys.argv[1])
+model = ServedModel.objects.create(name="sim-routed")
+for name, weight, priority in (("sim-small", 3, 1), ("sim-small-b", 1, 1), ("sim-small-c", 1, 2)):
+    Deployment.objects.create(model=model, provider=provider, upstream_model=name, weight=weight, priority=priority)
+"""
 PATH = "/v1/chat/completions"
 
 
@@ -103,12 +119,48 @@ def run(profile=False):
                         if out is not None:
                             profiles.append((label, out))
                 sim.control(tokens_per_second=0)
+            routing = measure_routing(gw, db, sim)
             stderr = gw.stderr_text()
             scheduling = describe_scheduling([gw.process.pid, sim.pid])
     report(rows, idle_cold, idle_warm, stderr, scheduling)
+    report_routing(*routing)
     for label, out in profiles:
         print_profile(out, f"py-spy profile of the gateway (GIL holder only), {label}")
     return rows
+
+
+def measure_routing(gw, db, sim):
+    """TTFT p50 (ms) at one stream: (one deployment, three deployments routed), alternating rounds."""
+    say("gateway bench: routing among three deployments vs one")
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "DATABASE_URL": db.url,
+           "DJANGO_SECRET_KEY": secret_key()}
+    subprocess.run([PY, "-c", ROUTED_SCRIPT, f"http://{HOST}:{sim.port}/v1"], cwd=PROJECT_ROOT, env=env, check=True,
+                   capture_output=True)
+    routed = chat_body(ROUTING_TOKENS, model="sim-routed")
+    deadline = time.monotonic() + 30
+    while not asyncio.run(stream_chat(gw.port, PATH, routed, db.api_key)).ok:  # the gateway's catalogue refresh
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the routed model never answered:\n{gw.stderr_text()[-2000:]}")
+        time.sleep(0.2)
+    one, three = [], []
+    for _ in range(ROUTING_ROUNDS):
+        for body, ttfts in ((chat_body(ROUTING_TOKENS), one), (routed, three)):
+            results, _ = asyncio.run(closed_loop(1, ROUTING_PER_ROUND,
+                                                 lambda body=body: stream_chat(gw.port, PATH, body, db.api_key)))
+            if not all(r.ok for r in results):
+                raise RuntimeError(f"routing bench: {summarize_errors(results)}")
+            ttfts += [r.ttft * 1000 for r in results]
+    return percentile(one, 50), percentile(three, 50), len(one)
+
+
+def report_routing(one, three, count):
+    added = three - one
+    print(f"\n## Routing: one-stream TTFT, {ROUTING_TOKENS}-token answers, {count} requests each in "
+          f"{ROUTING_ROUNDS} alternating rounds\n")
+    print(table(["model", "TTFT p50 ms"], [["one deployment", f"{one:.2f}"],
+                                           ["three deployments, weights 3:1 + a fallback priority", f"{three:.2f}"]]))
+    print(f"\n- routing adds ≤ {TARGET_ROUTING_ADDED_MS} ms p50 at one stream: {added:+.2f} ms → "
+          f"{verdict(added <= TARGET_ROUTING_ADDED_MS)}")
 
 
 def profile_gateway(pid, name, load, seconds=8):

@@ -158,6 +158,18 @@ SIMULATOR_CONTROL_TOKEN = os.environ.get("SIMULATOR_CONTROL_TOKEN", "")
 SLUICE_MODELS = [
     m.strip() for m in os.environ.get("SLUICE_MODELS", "sim-small,sim-large").split(",") if m.strip()
 ]
+# The catalogue of providers, models and deployments lives in the database (streaming/catalogue/, docs/operations.md
+# "Providers and models"). OPENAI_BASE_URL, OPENAI_API_KEY and SLUICE_MODELS only seed it: a server's first load
+# writes them as records while there are none (off: the settings serve as the catalogue while it is empty).
+SLUICE_CATALOGUE_BOOTSTRAP = env_bool("SLUICE_CATALOGUE_BOOTSTRAP", True)
+# Seconds a process keeps its catalogue before reloading it in the background: an admin edit reaches every process
+# within this time.
+SLUICE_CATALOGUE_REFRESH = env_float("SLUICE_CATALOGUE_REFRESH", 2.0)
+# A request's prompt_cache_key (else its `user`) keeps it on one of a model's deployments (their prompt caches).
+SLUICE_STICKY_ROUTING = env_bool("SLUICE_STICKY_ROUTING", True)
+# Fernet keys (comma-separated, the first encrypts) for provider keys stored in the database; empty: one derived from
+# DJANGO_SECRET_KEY (streaming/catalogue/secrets.py).
+SLUICE_SECRETS_KEY = os.environ.get("SLUICE_SECRETS_KEY", "")
 # Chat fields Sluice does not read are forwarded untouched. Per model (a name or a glob such as "*"), an operator may
 # deny some (400 unsupported_parameter) or strip them before forwarding, as JSON:
 # SLUICE_FIELD_RULES='{"gpt-5*": {"deny": ["logit_bias"], "strip": ["temperature"]}}' (docs/api.md). JSON that does

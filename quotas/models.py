@@ -142,6 +142,8 @@ class Usage(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
     model = models.CharField(max_length=100)
+    deployment = models.CharField(max_length=300, blank=True,
+                                  help_text="The deployment that served it (provider/provider's model name).")
     status = models.CharField(max_length=24, choices=Status.choices, default=Status.STREAMING)
     reason = models.CharField(max_length=64, blank=True, help_text="For refusals and errors: the error code.")
     started_at = models.DateTimeField(default=timezone.now)

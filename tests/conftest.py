@@ -31,6 +31,16 @@ def _database_threads(django_db_setup, django_db_blocker):
                                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_catalogue():
+    """Each test starts from the catalogue its own records or settings make (streaming/catalogue/registry.py)."""
+    from streaming.catalogue import registry
+
+    registry.invalidate()
+    yield
+    registry.invalidate()
+
+
 @pytest.fixture(scope="session")
 def gateway(django_db_setup, django_db_blocker):
     """One Daphne-with-backpressure gateway for the session, on the test database."""

@@ -5,3 +5,7 @@ import os
 os.environ.setdefault("DJANGO_SECRET_KEY", "tests-only-secret-key-not-for-production-0123456789")
 
 from config.settings import *  # noqa: E402,F401,F403
+
+# In this process, the catalogue is what the settings say unless a test writes records (tests/streaming/catalogue/):
+# a first request must not write records that the test's rollback then removes behind the registry's back.
+SLUICE_CATALOGUE_BOOTSTRAP = False

@@ -11,6 +11,8 @@ from django.http import HttpResponse, JsonResponse
 from quotas.domain import admission
 from quotas.domain.exceptions import ModelNotAllowed
 from quotas.domain.leases import quota_status
+from streaming.catalogue import registry
+from streaming.catalogue.routing import sticky_key
 from streaming.errors import MAPPED, ApiError, api_error, not_found
 from streaming.provider.client import provider_url
 from streaming.streams.completion import Completion
@@ -19,7 +21,7 @@ from streaming.streams.responses import ResponsesCompletion
 from streaming.streams.text_completions import TextCompletion
 
 from .bodies import parse_embeddings_request, parse_responses_request, parse_text_completion_request
-from .validation import parse_body, parse_chat_request
+from .validation import field_rules, parse_body, parse_chat_request
 
 
 def api_view(methods, csrf_exempt=True):
@@ -50,10 +52,22 @@ def api_view(methods, csrf_exempt=True):
     return decorate
 
 
+async def route_for(request, body):
+    """(the body with the model's field rules applied, the request's route): which deployments to try, in order
+    (streaming/catalogue/). An unknown model still gets a route, with no name: admission refuses it with its ledger
+    row (model_not_found)."""
+    catalogue = await registry.current()
+    model = catalogue.model(body.get("model"))
+    if model is not None and model.field_rules:
+        body = field_rules(body, {"*": model.field_rules})
+    return body, catalogue.route(body.get("model"), provider_url(request.scope), sticky_key(body))
+
+
 async def chat_completion_response(request, body: dict):
     """Shared by /v1/chat/completions and the demo's /api/chat."""
+    body, route = await route_for(request, body)
     chat = parse_chat_request(body)
-    return await Completion(request.sluice, chat, provider_url(request.scope)).respond()
+    return await Completion(request.sluice, chat, route).respond()
 
 
 @api_view(["POST"])
@@ -63,36 +77,47 @@ async def chat_completions(request):
 
 @api_view(["POST"])
 async def responses(request):
-    body = parse_responses_request(parse_body(request))
-    return await ResponsesCompletion(request.sluice, body, provider_url(request.scope)).respond()
+    body, route = await route_for(request, parse_body(request))
+    return await ResponsesCompletion(request.sluice, parse_responses_request(body), route).respond()
 
 
 @api_view(["POST"])
 async def text_completions(request):
-    body = parse_text_completion_request(parse_body(request))
-    return await TextCompletion(request.sluice, body, provider_url(request.scope)).respond()
+    body, route = await route_for(request, parse_body(request))
+    return await TextCompletion(request.sluice, parse_text_completion_request(body), route).respond()
 
 
 @api_view(["POST"])
 async def embeddings(request):
-    body = parse_embeddings_request(parse_body(request))
-    return await Embeddings(request.sluice, body, provider_url(request.scope)).respond()
+    body, route = await route_for(request, parse_body(request))
+    return await Embeddings(request.sluice, parse_embeddings_request(body), route).respond()
+
+
+def _model_entry(model):
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "sluice"}
+
+
+async def allowed_models(limits):
+    """The catalogue's models the key's plan allows, in its order."""
+    catalogue = await registry.current()
+    return [catalogue.models[name] for name in catalogue.names if limits.allows_model(name, catalogue.names)]
 
 
 @api_view(["GET"])
 async def models(request):
-    limits = request.sluice.limits
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "sluice"}
-            for m in settings.SLUICE_MODELS if limits.allows_model(m, settings.SLUICE_MODELS)]
-    return JsonResponse({"object": "list", "data": data})
+    return JsonResponse({"object": "list", "data": [_model_entry(m) for m in await allowed_models(
+        request.sluice.limits)]})
 
 
 @api_view(["GET"])
 async def model(request, model):
-    """One of the key's models; any other name is 404 model_not_found, as for an unknown model."""
-    if not request.sluice.limits.allows_model(model, settings.SLUICE_MODELS):
+    """One of the key's models (by its name or an alias: the answer names the model); any other name is 404
+    model_not_found, as for an unknown model."""
+    catalogue = await registry.current()
+    found = catalogue.model(model)
+    if found is None or not request.sluice.limits.allows_model(found.name, catalogue.names):
         raise ModelNotAllowed(model)
-    return JsonResponse({"id": model, "object": "model", "created": 0, "owned_by": "sluice"})
+    return JsonResponse(_model_entry(found))
 
 
 @api_view(["GET"])
@@ -111,7 +136,7 @@ async def quota(request):
                      "reset_seconds": round(rate.reset_seconds, 3) if rate else None},
         "concurrent_streams": limits.concurrent_streams,
         "max_tokens_per_request": limits.max_tokens_per_request,
-        "models": [m for m in settings.SLUICE_MODELS if limits.allows_model(m, settings.SLUICE_MODELS)],
+        "models": [m.name for m in await allowed_models(limits)],
     })
 
 

@@ -12,7 +12,6 @@ import re
 import socket
 import time
 import weakref
-from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
@@ -25,6 +24,7 @@ from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
 from .endpoints import CHAT, Endpoint
 from .errors import UpstreamError
 from .events import Event, SSEParser
+from .targets import Target, token_limit_field  # noqa: F401 (token_limit_field: its home before targets.py)
 
 SIMULATOR_PREFIX = "/_sim"
 # One client per event loop (its aiohttp session belongs to the loop it was made on), base URL and timeouts.
@@ -33,19 +33,6 @@ _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref
 
 def uses_simulator() -> bool:
     return not settings.OPENAI_API_KEY and not settings.OPENAI_BASE_URL
-
-
-OPENAI_HOST = "api.openai.com"
-
-
-def token_limit_field(url: str) -> str:
-    """The field a token limit goes in when the client set none (UPSTREAM_TOKEN_LIMIT_FIELD): "auto" is OpenAI's
-    max_completion_tokens for OpenAI itself (its reasoning models refuse max_tokens) and max_tokens for any other
-    server (some know no other)."""
-    field = settings.UPSTREAM_TOKEN_LIMIT_FIELD
-    if field != "auto":
-        return field
-    return "max_completion_tokens" if urlsplit(url).hostname == OPENAI_HOST else "max_tokens"
 
 
 def provider_url(scope) -> str:
@@ -89,24 +76,25 @@ def _aiohttp_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES)
 
 
-def get_client(url: str) -> openai.AsyncOpenAI:
-    timeouts = (settings.UPSTREAM_CONNECT_TIMEOUT, settings.UPSTREAM_IDLE_TIMEOUT)
+def get_client(target: Target) -> openai.AsyncOpenAI:
+    connect = target.connect_timeout or settings.UPSTREAM_CONNECT_TIMEOUT
+    timeouts = (connect, settings.UPSTREAM_IDLE_TIMEOUT)
     clients = _clients.setdefault(asyncio.get_running_loop(), {})
-    client = clients.get((url, timeouts))
+    client = clients.get((target.url, target.api_key, timeouts))
     if client is None:
-        client = clients[(url, timeouts)] = openai.AsyncOpenAI(
-            api_key=settings.OPENAI_API_KEY or "sluice-simulator",
-            base_url=url,
+        client = clients[(target.url, target.api_key, timeouts)] = openai.AsyncOpenAI(
+            api_key=target.api_key or "sluice-simulator",
+            base_url=target.url,
             # Sluice retries itself, before the first byte only (docs/resilience.md).
             max_retries=0,
             # The read timeout is the longest silence allowed between two chunks.
-            timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT),
+            timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=connect),
             # The SDK's aiohttp transport (openai[aiohttp]): its C HTTP parser reads an event for a fraction of
             # the CPU of the default transport's pure-Python stack, on every event of every stream
             # (docs/performance.md).
             http_client=openai.DefaultAioHttpClient(
                 transport=AiohttpTransport(client=_aiohttp_session),
-                timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT),
+                timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=connect),
             ),
         )
     return client
@@ -225,33 +213,43 @@ class EventStream:
             await self._response.aclose()
 
 
-async def _post(url: str, body: dict, request_id: str, stream: bool, path: str) -> httpx2.Response:
+async def _post(target: Target, body: dict, request_id: str, stream: bool, path: str) -> httpx2.Response:
     options = {"headers": {"X-Client-Request-Id": request_id}}
     if stream:
         # No read timeout on the socket for a stream: it would arm and cancel a timer on every event of every
         # stream. The first-token deadline (first_token.py) and the relay's watchdog, which ends
         # a stream silent for UPSTREAM_IDLE_TIMEOUT (streaming/streams/watchdog.py), bound the waits instead.
-        options["timeout"] = httpx2.Timeout(None, connect=settings.UPSTREAM_CONNECT_TIMEOUT)
+        options["timeout"] = httpx2.Timeout(None, connect=target.connect_timeout or settings.UPSTREAM_CONNECT_TIMEOUT)
     # The client's own request path (base URL, auth, headers, status errors), without the typed `create()`
     # wrapper: its parameter transformation costs more than the whole relay of a short answer
     # (docs/performance.md). The body was validated by Sluice already (streaming/gateway/validation.py).
     try:
-        return await get_client(url).post(
+        return await get_client(target).post(
             path, cast_to=httpx2.Response, body=body, stream=stream, options=options)
     except Exception as exc:
         raise _translate(exc) from exc
 
 
-async def open_stream(url: str, body: dict, request_id: str, endpoint: Endpoint = CHAT) -> EventStream:
+async def open_stream(target: Target, body: dict, request_id: str, endpoint: Endpoint = CHAT) -> EventStream:
     """Send a streaming request (a chat completion unless `endpoint` says otherwise); returns once the provider
     answered with its headers."""
-    return EventStream(await _post(url, body, request_id, True, endpoint.path), endpoint.classify)
+    return EventStream(await _post(target, body, request_id, True, endpoint.path), endpoint.classify)
 
 
-async def complete(url: str, body: dict, request_id: str, endpoint: Endpoint = CHAT) -> bytes:
+async def complete(target: Target, body: dict, request_id: str, endpoint: Endpoint = CHAT) -> bytes:
     """A non-streaming request (a chat completion unless `endpoint` says otherwise): the provider's JSON, as it sent
     it."""
-    return (await _post(url, body, request_id, False, endpoint.path)).content
+    return (await _post(target, body, request_id, False, endpoint.path)).content
+
+
+async def list_models(target: Target) -> list[str]:
+    """The provider's model ids (GET /models): the admin's connection test. Failures as UpstreamError, like a
+    completion's (no provider text, no address, no key)."""
+    try:
+        page = await get_client(target).models.list()
+    except Exception as exc:
+        raise _translate(exc) from exc
+    return [model.id for model in page.data if isinstance(getattr(model, "id", None), str)]
 
 
 async def close_clients():

@@ -20,7 +20,7 @@ from .events import DONE, ERROR, Event
 from .permits import preempted
 
 
-async def open_to_first_token(url, body, request_id, timeout_seconds, commit_after_seconds, endpoint=CHAT):
+async def open_to_first_token(target, body, request_id, timeout_seconds, commit_after_seconds, endpoint=CHAT):
     """(events, events read so far, pending read) once the first content arrived; retryable errors otherwise.
 
     A provider slower than `commit_after_seconds` (the heartbeat interval) is not held against the client: the
@@ -33,7 +33,7 @@ async def open_to_first_token(url, body, request_id, timeout_seconds, commit_aft
     commit_at = loop.time() + commit_after_seconds
     try:
         async with asyncio.timeout_at(deadline):
-            events = await client.open_stream(url, body, request_id, endpoint)
+            events = await client.open_stream(target, body, request_id, endpoint)
         seen = []
         while True:
             pending = asyncio.ensure_future(events.read_batch())

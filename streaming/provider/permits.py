@@ -106,12 +106,18 @@ class Permit:
             await self.upstream.call_store("renew_permit", self.holder, settings.UPSTREAM_PERMIT_TTL, time.time())
 
 
+def store_key(target_key: str) -> str:
+    """The counter store's record of a target's limit and breaker (the dashboard reads it too). Hashed: the key names
+    no internal address; the hash tag keeps the record on one Redis Cluster slot."""
+    return f"sluice:{{up:{hashlib.sha256(target_key.encode()).hexdigest()[:16]}}}:upstream"
+
+
 class Upstream:
     """One provider (base URL) as this process and event loop see it."""
 
     def __init__(self, url):
-        # Hashed: the key names no internal address; the hash tag keeps the record on one Redis Cluster slot.
-        self.key = f"sluice:{{up:{hashlib.sha256(url.encode()).hexdigest()[:16]}}}:upstream"
+        # `url`: the target's key (its URL, and the provider's model name for a catalogue deployment).
+        self.key = store_key(url)
         self.queue = FairQueue(self._try_acquire, self._give_back, lambda: settings.UPSTREAM_QUEUE_POLL_INTERVAL)
         self.hold_seconds = 1.0  # moving average of how long permits are held, for the queue's Retry-After
         self.limit = float(settings.UPSTREAM_CONCURRENCY_MAX)  # as last seen
@@ -119,6 +125,11 @@ class Upstream:
         self._marked: dict[str, float] = {}  # user -> when the store last heard that it waits here (monotonic)
         self._preempting = None  # the task that watches for stalled streams while there are any
         self._look = asyncio.Event()  # a request was refused here: look for stalled streams now, not at the tick
+        self.open_until = 0.0  # (monotonic) until when the store said its breaker is open for everyone
+
+    def healthy(self) -> bool:
+        """False while its breaker was last seen open (for everyone): routing tries its other deployments first."""
+        return self.open_until <= time.monotonic()
 
     async def call_store(self, operation, *args, **kwargs):
         try:
@@ -184,7 +195,10 @@ class Upstream:
             finally:
                 metrics.QUEUE_LENGTH.dec()
         if result.status == PERMIT_OPEN:
+            if not result.own:
+                self.open_until = time.monotonic() + result.retry_after_seconds
             raise unavailable(max(1.0, result.retry_after_seconds), own=result.own)
+        self.open_until = 0.0
         return Permit(self, holder, result.limit, result.probe, time.monotonic(), guarded=result is not UNGUARDED,
                       user=str(user))
 
@@ -268,10 +282,19 @@ class Upstream:
 _upstreams: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Upstream]]" = weakref.WeakKeyDictionary()
 
 
-def get_upstream(url) -> Upstream:
-    """This event loop's view of the upstream at `url` (its queue's futures belong to one loop)."""
-    by_url = _upstreams.setdefault(asyncio.get_running_loop(), {})
-    upstream = by_url.get(url)
+def get_upstream(key) -> Upstream:
+    """This event loop's view of the upstream (a deployment: streaming/provider/targets.py, `Target.key`) — its
+    queue's futures belong to one loop."""
+    by_key = _upstreams.setdefault(asyncio.get_running_loop(), {})
+    upstream = by_key.get(key)
     if upstream is None:
-        upstream = by_url[url] = Upstream(url)
+        upstream = by_key[key] = Upstream(key)
     return upstream
+
+
+def upstreams() -> dict:
+    """This event loop's upstreams by key (the dashboard's health table)."""
+    try:
+        return dict(_upstreams.get(asyncio.get_running_loop(), {}))
+    except RuntimeError:
+        return {}

@@ -26,6 +26,7 @@ from .endpoints import CHAT
 from .errors import UpstreamError
 from .first_token import GuardedStream, open_to_first_token
 from .permits import get_upstream
+from .targets import Target, as_targets
 
 __all__ = ["open_stream", "complete", "retry_policy"]
 
@@ -45,15 +46,19 @@ def outcome_of(error: UpstreamError) -> str:
     return OUTCOME_FAILED if error.retryable else OUTCOME_NONE
 
 
-async def open_stream(url, body, request_id, fair_key, endpoint=CHAT) -> GuardedStream:
+async def open_stream(where, body, request_id, fair_key, endpoint=CHAT) -> GuardedStream:
     """A streaming completion (at `endpoint`: chat unless told), returned once its first token arrived; it holds its
-    permit until closed."""
+    permit until closed, and names the target that served it (`.target`).
 
-    async def attempt(permit):
+    `where`: a URL, a target or the targets to try in order (streaming/provider/targets.py); `body`: the provider's
+    body, or a function of the target that makes it (each deployment has its own model name and limit field)."""
+
+    async def attempt(target, permit):
         events, seen, pending = await open_to_first_token(
-            url, body, request_id, settings.UPSTREAM_FIRST_TOKEN_TIMEOUT, settings.STREAM_HEARTBEAT_INTERVAL,
-            endpoint)
+            target, body_for(body, target), request_id, target.first_token_seconds(),
+            settings.STREAM_HEARTBEAT_INTERVAL, endpoint)
         stream = GuardedStream(events, seen, permit, pending)
+        stream.target = target
         try:
             await permit.report_success()
         except BaseException:
@@ -61,38 +66,64 @@ async def open_stream(url, body, request_id, fair_key, endpoint=CHAT) -> Guarded
             raise
         return stream
 
-    return await _with_retries(url, request_id, fair_key, attempt, keeps_permit=True)
+    return await _with_retries(as_targets(where), request_id, fair_key, attempt, keeps_permit=True)
 
 
-async def complete(url, body, request_id, fair_key, endpoint=CHAT) -> bytes:
-    """A non-streaming completion or embedding (no first-token timeout: its first token is its whole answer)."""
+async def complete(where, body, request_id, fair_key, endpoint=CHAT) -> tuple[bytes, Target]:
+    """A non-streaming completion or embedding (no first-token timeout: its first token is its whole answer), and
+    the target that served it."""
 
-    async def attempt(permit):
-        return await client.complete(url, body, request_id, endpoint)
+    async def attempt(target, permit):
+        return await client.complete(target, body_for(body, target), request_id, endpoint), target
 
-    return await _with_retries(url, request_id, fair_key, attempt, keeps_permit=False)
+    return await _with_retries(as_targets(where), request_id, fair_key, attempt, keeps_permit=False)
 
 
-async def _with_retries(url, request_id, fair_key, attempt, keeps_permit):
+def body_for(body, target):
+    return body(target) if callable(body) else body
+
+
+async def _with_retries(targets, request_id, fair_key, attempt, keeps_permit):
+    """Each target in turn (fallback: at once, before the first byte only), then again from the first with backoff,
+    within the retry deadline and attempts. A target whose breaker is open, or whose queue is full, is passed over
+    for the next; the last one's refusal is the answer."""
     policy = retry_policy()
-    guard = get_upstream(url)
     started = None  # the deadline counts from the first attempt: the first wait in the queue has its own timeout
     attempts = 0
+    turn = 0  # the index of the next target to try
     while True:
+        target = targets[turn % len(targets)]
+        last_of_round = turn % len(targets) == len(targets) - 1
+        turn += 1
+        guard = get_upstream(target.key)
         queue_timeout = settings.UPSTREAM_QUEUE_TIMEOUT
         if attempts:  # a retry waits in the queue no longer than the deadline leaves
             queue_timeout = min(queue_timeout, max(0.0, started + policy.deadline_seconds - time.monotonic()))
-        permit = await guard.acquire(fair_key, request_id, queue_timeout, retry=attempts > 0)
+        try:
+            permit = await guard.acquire(fair_key, request_id, queue_timeout, retry=attempts > 0)
+        except UpstreamError as refusal:  # its breaker is open, or its queue is full
+            if last_of_round or (started is not None and time.monotonic() > started + policy.deadline_seconds):
+                raise
+            metrics.UPSTREAM_FALLBACKS.labels(target.provider).inc()
+            logger.info("upstream %s refused %s (%s): trying the next deployment", target.name, request_id,
+                        refusal.code)
+            continue
         attempts += 1
         if started is None:
             started = time.monotonic()
         try:
-            result = await attempt(permit)
+            result = await attempt(target, permit)
         except UpstreamError as error:
             await permit.release(outcome_of(error))
-            metrics.UPSTREAM_ERRORS.labels(error.code).inc()
+            metrics.UPSTREAM_ERRORS.labels(error.code, target.provider).inc()
             if not error.retryable:
                 raise
+            if not last_of_round and attempts < policy.max_attempts and (
+                    time.monotonic() < started + policy.deadline_seconds):
+                metrics.UPSTREAM_FALLBACKS.labels(target.provider).inc()
+                logger.info("upstream %s for %s at %s: falling back to the next deployment", error.code, request_id,
+                            target.name)
+                continue
             delay = backoff.retry_delay(policy, attempts, error.retry_after_seconds, random.random())
             if not backoff.may_retry(policy, attempts, started, time.monotonic(), delay):
                 if error.retry_after_seconds is None:

@@ -104,6 +104,7 @@ class RequestRecord:
     write_started: float = 0.0  # monotonic time of the send() in progress, 0 when none
     disconnected: bool = False  # the gateway closed the connection before the end
     finished: bool = False
+    model: str = ""  # as the request named it (a gateway's deployment sends the provider's own name)
 
 
 @dataclass
@@ -286,6 +287,7 @@ class Simulator:
             client_request_id=headers.get(b"x-client-request-id", b"").decode("latin-1"),
             stream=bool(request.get("stream")),
             started=time.time(),
+            model=str(request.get("model", ""))[:200],
         )
         state.records.append(record)
         state.in_flight += 1
@@ -438,7 +440,8 @@ class Simulator:
         headers = dict(scope.get("headers") or [])
         record = RequestRecord(id=f"{endpoint}-{record_id}",
                                client_request_id=headers.get(b"x-client-request-id", b"").decode("latin-1"),
-                               stream=getattr(answer, "stream", False), started=time.time())
+                               stream=getattr(answer, "stream", False), started=time.time(),
+                               model=str(request.get("model", ""))[:200])
         state.records.append(record)
         if endpoint == "embeddings":
             record.finished = True

@@ -32,9 +32,9 @@ from quotas.domain.leases import TokenLease
 from quotas.domain.policy import estimate_prompt_tokens
 from quotas.domain.recovery import reaper
 from quotas.models import Usage
+from streaming.catalogue.routing import Route
 from streaming.errors import duration
 from streaming.provider import retries
-from streaming.provider.client import token_limit_field
 from streaming.provider.endpoints import CHAT
 from streaming.provider.errors import UpstreamError
 from streaming.telemetry import live, metrics
@@ -56,14 +56,18 @@ STREAM_HEADERS = {
 
 
 class Completion:
-    """`await Completion(caller, chat, url).respond()` → the HTTP response (streaming or not)."""
+    """`await Completion(caller, chat, route).respond()` → the HTTP response (streaming or not).
+
+    `route`: the catalogue's plan for the model the client named (streaming/catalogue/routing.py): its public name
+    and the deployments to try, in order; or a provider URL (tests, benchmarks)."""
 
     endpoint = CHAT  # the provider's endpoint: its path, and how its stream's events are classified
 
-    def __init__(self, caller, chat, provider_url):
+    def __init__(self, caller, chat, route):
         self.caller = caller  # streaming.gateway.middleware.Caller: who, with which limits
         self.chat = chat  # streaming.gateway.validation.ChatRequest
-        self.url = provider_url
+        self.route = route if isinstance(route, Route) else Route.for_url(chat.model, route)
+        self.served_by = None  # the target that answered (streaming/provider/targets.py)
         self.request_id = caller.request_id
         self.started = time.monotonic()
         self.lease = TokenLease(caller.user_id, caller.limits, self.request_id, timezone.now())
@@ -84,12 +88,13 @@ class Completion:
         keep_alive = asyncio.ensure_future(self._keep_alive())
         try:
             if not self.chat.stream:
-                raw = await retries.complete(self.url, self._provider_body(), self.request_id, self.caller.user_id,
-                                             self.endpoint)
+                raw, self.served_by = await retries.complete(
+                    self.route.targets, self._body_for, self.request_id, self.caller.user_id, self.endpoint)
                 await self._settle("completed", reported_usage=_usage_of(raw))
                 return self._with_token_headers(HttpResponse(raw, content_type="application/json"))
-            events = await retries.open_stream(self.url, self._provider_body(), self.request_id, self.caller.user_id,
-                                               self.endpoint)
+            events = await retries.open_stream(self.route.targets, self._body_for, self.request_id,
+                                               self.caller.user_id, self.endpoint)
+            self.served_by = events.target
         except UpstreamError as error:
             await self._settle("upstream_error", reason=error.code, charge_prompt=False)
             raise
@@ -111,7 +116,8 @@ class Completion:
         prompt_tokens = await self._count_prompt()
         plan_max = limits.max_tokens_per_request
         self.row = ledger.ledger_row(
-            request_id=self.request_id, user_id=caller.user_id, api_key_id=caller.api_key_id, model=chat.model,
+            request_id=self.request_id, user_id=caller.user_id, api_key_id=caller.api_key_id,
+            model=self.route.name or chat.model,
             stream=chat.stream, reserved_tokens=prompt_tokens + self._completion_budget(plan_max),
             windows=self.lease.windows)
         self.row.prompt_tokens = prompt_tokens
@@ -119,7 +125,7 @@ class Completion:
         reaper.ensure_running()
         try:
             self.slot_key = await admission.acquire_slot(caller.user_id, limits, self.request_id, time.time())
-            if not limits.allows_model(chat.model, settings.SLUICE_MODELS):
+            if not self.route.allows(limits):
                 raise ModelNotAllowed(chat.model)
             await ledger.open_ledger(self.row)
             await self._lease_admission(prompt_tokens)
@@ -184,7 +190,7 @@ class Completion:
         charged = await self._chargeable(prompt_tokens + completion_tokens)
         fields = {"status": status, "reason": reason, "prompt_tokens": prompt_tokens,
                   "completion_tokens": completion_tokens, "usage_reported": reported, "charged_tokens": charged,
-                  **details}
+                  "deployment": self.served_by.name if self.served_by else "", **details}
         ttft = None
         if figures is not None:
             if figures.first_token_at:
@@ -202,7 +208,8 @@ class Completion:
             await admission.release_slot(self.slot_key, self.request_id)
             metrics.SETTLING.dec()
         if status != Usage.Status.REJECTED:
-            metrics.stream_finished(status, completion_tokens, figures, ttft)
+            metrics.stream_finished(status, completion_tokens, figures, ttft, self.route.name,
+                                    self.served_by.provider if self.served_by else None)
 
     # What the relay is given -------------------------------------------------------------------------------------
 
@@ -271,13 +278,20 @@ class Completion:
 
     # Helpers -----------------------------------------------------------------------------------------------------
 
-    def _provider_body(self):
+    def _body_for(self, target):
+        """The provider's body for one deployment: its own name for the model (routing.py)."""
+        body = self._provider_body(target)
+        if target.model is not None and body.get("model") != target.model:
+            body = {**body, "model": target.model}
+        return body
+
+    def _provider_body(self, target):
         """The client's body as it sent it (issue 16: fields Sluice does not read pass untouched), with the clamped
         token limit and Sluice's own stream options."""
         chat = self.chat
         body = {"model": chat.model, "messages": chat.messages, **chat.options}
         # The clamped budget in the field(s) the client used; if none, in the one the provider expects.
-        for name in chat.limit_fields or (token_limit_field(self.url),):
+        for name in chat.limit_fields or (target.limit_field(),):
             body[name] = self.lease.max_tokens
         if chat.stream:
             # Always ask for usage, to charge exactly; the relay strips it unless the client asked. The client's

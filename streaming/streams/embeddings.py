@@ -29,5 +29,5 @@ class Embeddings(Completion):
             await lease.release()
             raise refusal
 
-    def _provider_body(self):
+    def _provider_body(self, target):
         return self.chat.body  # as the client sent it: Sluice reads the input, and changes nothing

@@ -32,15 +32,15 @@ MIN_OUTPUT_TOKENS = 16
 
 
 class ResponsesCompletion(Completion):
-    def __init__(self, caller, request, provider_url):
-        super().__init__(caller, request, provider_url)  # request: streaming.gateway.bodies.ResponsesRequest
+    def __init__(self, caller, request, route):
+        super().__init__(caller, request, route)  # request: streaming.gateway.bodies.ResponsesRequest
         self.classifier = ResponseEvents()
         self.endpoint = Endpoint("/responses", self.classifier)
 
     async def _count_prompt(self) -> int:
         return await count_responses_input(self.chat.instructions, self.chat.input)
 
-    def _provider_body(self):
+    def _provider_body(self, target):
         request = self.chat
         body = {**request.options, "model": request.model}
         budget = self.lease.max_tokens

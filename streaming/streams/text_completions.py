@@ -23,7 +23,7 @@ class TextCompletion(Completion):
         prompt = await count_input(request.prompt)
         return prompt + (await count_input(request.suffix) if request.suffix else 0)
 
-    def _provider_body(self):
+    def _provider_body(self, target):
         request = self.chat
         body = {**request.options, "model": request.model, "prompt": request.prompt,
                 "max_tokens": max(1, self.lease.max_tokens // request.copies)}

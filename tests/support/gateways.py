@@ -58,6 +58,10 @@ def server_env(**overrides):
         "UPSTREAM_RETRY_DEADLINE": "2",
         "METRICS_TOKEN": METRICS_TOKEN,
         "SIMULATOR_CONTROL_TOKEN": SIMULATOR_CONTROL_TOKEN,
+        # Gateways of different upstreams share the test database: each serves what its settings say unless a
+        # test writes catalogue records (tests/streaming/catalogue/), and sees them come and go within 0.2 s.
+        "SLUICE_CATALOGUE_BOOTSTRAP": "0",
+        "SLUICE_CATALOGUE_REFRESH": "0.2",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return env
