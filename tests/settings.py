@@ -8,4 +8,6 @@ from config.settings import *  # noqa: E402,F401,F403
 
 # In this process, the catalogue is what the settings say unless a test writes records (tests/streaming/catalogue/):
 # a first request must not write records that the test's rollback then removes behind the registry's back.
-SLUICE_CATALOGUE_BOOTSTRAP = False
+# (Gateway processes started by the tests use these settings too, and may set it: tests/support/gateways.py.)
+if not os.environ.get("SLUICE_CATALOGUE_BOOTSTRAP"):
+    SLUICE_CATALOGUE_BOOTSTRAP = False

@@ -219,3 +219,23 @@ def test_edits_reach_a_running_gateway_and_the_models_come_from_the_catalogue(si
         eventually(lambda: [m.id for m in client.models.list()] == ["alpha"], timeout=10, interval=0.1)
         with pytest.raises(openai.NotFoundError):
             ask(client, "beta")
+
+
+def test_the_settings_seed_an_empty_catalogue_once_then_the_records_rule(sims, make_user):
+    a, b, _ = sims
+    user = make_user(**BUSY)
+    seeded = {**FAST, "SLUICE_CATALOGUE_BOOTSTRAP": 1, "OPENAI_BASE_URL": str(a.base_url) + "/v1",
+              "OPENAI_API_KEY": "sk-test-upstream", "SLUICE_MODELS": "x,y"}
+    with gateway_server(**seeded) as gateway:
+        assert ask(sdk(gateway, user), "x").http_response.status_code == 200
+    assert list(Provider.objects.values_list("name", "base_url", "api_key_env", "api_key_encrypted")) == [
+        ("default", str(a.base_url) + "/v1", "OPENAI_API_KEY", "")]
+    assert list(ServedModel.objects.values_list("name", flat=True)) == ["x", "y"]
+    assert models_of(a) == ["x"]
+    # Other settings on the next start change nothing: the database is the one source of truth now.
+    with gateway_server(**{**seeded, "OPENAI_BASE_URL": str(b.base_url) + "/v1", "SLUICE_MODELS": "z"}) as gateway:
+        client = sdk(gateway, user)
+        assert [m.id for m in client.models.list()] == ["x", "y"]
+        ask(client, "y")
+    assert models_of(a) == ["x", "y"] and models_of(b) == []
+    assert Provider.objects.count() == 1
