@@ -2,14 +2,20 @@
 
 Only what Sluice reads is checked, with OpenAI-style 400s: the model, whether to stream, the token limit, and what it
 counts (the Responses API's instructions and input, a completion's prompt, an embedding's input). Every other field
-is forwarded to the provider untouched, for it to judge (issue 16).
+is forwarded to the provider untouched, for it to judge (issue 16), but for the operator's field rules
+(SLUICE_FIELD_RULES), which are the model's whatever the endpoint: a field denied for a model is refused here as in
+chat, and a stripped one is gone before anything reads the body.
 """
 
 from dataclasses import dataclass
 
+from django.conf import settings
+
 from quotas.domain.exceptions import ModelNotAllowed
 from quotas.models import Usage
 from streaming.errors import invalid
+
+from .validation import field_rules
 
 TYPE_NAMES = {int: "an integer", str: "a string", list: "an array", dict: "an object", bool: "a boolean"}
 # OpenAI's default max_tokens for /v1/completions (not chat's: there it is the model's whole budget).
@@ -61,8 +67,9 @@ class EmbeddingsRequest:
     choices: int = 1
 
 
-def parse_responses_request(body: dict) -> ResponsesRequest:
+def parse_responses_request(body: dict, rules: dict | None = None) -> ResponsesRequest:
     model = _model(body)
+    body = _apply_rules(body, rules)
     stream = _optional(body, "stream", bool, False)
     max_tokens = _token_limit(body, "max_output_tokens")
     instructions = _optional(body, "instructions", str)
@@ -82,8 +89,9 @@ def parse_responses_request(body: dict) -> ResponsesRequest:
                             input=items, options=options)
 
 
-def parse_text_completion_request(body: dict) -> TextCompletionRequest:
+def parse_text_completion_request(body: dict, rules: dict | None = None) -> TextCompletionRequest:
     model = _model(body)
+    body = _apply_rules(body, rules)
     if "prompt" not in body or body["prompt"] is None:
         raise invalid("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
     prompt = body["prompt"]
@@ -112,8 +120,9 @@ def parse_text_completion_request(body: dict) -> TextCompletionRequest:
                                  suffix=suffix, options=options)
 
 
-def parse_embeddings_request(body: dict) -> EmbeddingsRequest:
+def parse_embeddings_request(body: dict, rules: dict | None = None) -> EmbeddingsRequest:
     model = _model(body)
+    body = _apply_rules(body, rules)
     if "input" not in body or body["input"] is None:
         raise invalid("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
     _text_or_tokens(body["input"], "input", MAX_EMBEDDING_INPUTS)
@@ -130,6 +139,13 @@ def _model(body) -> str:
     if "\x00" in model or len(model) > Usage._meta.get_field("model").max_length:
         raise ModelNotAllowed(model)
     return model
+
+
+def _apply_rules(body, rules) -> dict:
+    """The body after the operator's field rules for its model (validation.field_rules; `rules` None:
+    SLUICE_FIELD_RULES): chat's rules, so that a field denied or stripped for a model cannot reach its provider through
+    another endpoint."""
+    return field_rules(body, settings.SLUICE_FIELD_RULES if rules is None else rules)
 
 
 def _text_or_tokens(value, param, max_items) -> int:

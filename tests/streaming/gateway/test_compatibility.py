@@ -1,7 +1,8 @@
 """Issue 16, items 1-4: whatever a client sends reaches the provider, through real gateways and the official SDK.
 
 1. Fields Sluice does not read pass untouched (the provider's own request body is captured: tests/support/dialects.py
-   keeps every body it receives); an operator may deny or strip named fields per model (SLUICE_FIELD_RULES).
+   keeps every body it receives); an operator may deny or strip named fields per model (SLUICE_FIELD_RULES), on
+   every endpoint (chat, Responses, completions, embeddings).
 2. `n > 1`: n choices, reserved n times at admission, each held to max_tokens, usage summed.
 3. The token limit goes in the field the provider takes (UPSTREAM_TOKEN_LIMIT_FIELD).
 4. The client's `stream_options` are merged with Sluice's own.
@@ -15,6 +16,7 @@ import pytest
 from django.test import override_settings
 
 from streaming.errors import ApiError
+from streaming.gateway.bodies import parse_embeddings_request, parse_responses_request, parse_text_completion_request
 from streaming.gateway.validation import field_rules, field_rules_problem
 from streaming.provider.client import token_limit_field
 from tests.support.gateways import gateway_server, settled_row
@@ -153,6 +155,69 @@ def test_field_rules_are_a_pure_function_of_the_body_and_the_rules():
     assert field_rules_problem(rules) is None
     assert field_rules_problem([]) and field_rules_problem({"*": {"deny": "x"}})
     assert field_rules_problem({"*": {"allow": []}}) and field_rules_problem({"*": {"strip": ["messages"]}})
+
+
+# The other endpoints' bodies, each as its SDK call sends it (`extra_body` for what the call does not type): the
+# operator's rules are the model's, whichever endpoint the request comes through. (The dialect provider answers them
+# all in chat's format: what it received is what is checked, so the answers are left unparsed.)
+ENDPOINT_CALLS = {
+    "responses": lambda api, **fields: api.responses.with_raw_response.create(
+        input="hi", max_output_tokens=16, **_typed(fields, "user", "temperature")),
+    "completions": lambda api, **fields: api.completions.with_raw_response.create(
+        prompt="hi", max_tokens=2, **_typed(fields, "user", "temperature", "logit_bias")),
+    "embeddings": lambda api, **fields: api.embeddings.with_raw_response.create(
+        input="hi", encoding_format="float", **_typed(fields, "user")),
+}
+
+
+def _typed(fields, *typed):
+    """The fields as an SDK call takes them: its own parameters by name, the others in `extra_body`."""
+    extra = {name: value for name, value in fields.items() if name not in typed and name != "model"}
+    return {"model": fields["model"], **{name: fields[name] for name in typed if name in fields},
+            **({"extra_body": extra} if extra else {})}
+
+
+@pytest.mark.parametrize("endpoint", list(ENDPOINT_CALLS))
+def test_an_operators_field_rules_apply_to_every_endpoint(provider_gateway, dialects, make_user, endpoint):
+    call, api = ENDPOINT_CALLS[endpoint], client(provider_gateway, make_user().key)
+    with pytest.raises(openai.BadRequestError) as refused:
+        call(api, model="echo", logit_bias={"50256": -100})
+    error = refused.value
+    assert (error.status_code, error.code, error.param) == (400, "unsupported_parameter", "logit_bias")
+    assert error.body["message"] == "Unsupported parameter: 'logit_bias' is not supported with this model."
+    # Refused before any provider call.
+    unseen = httpx2.get(f"{dialects.base_url}/received/{error.response.headers['x-request-id']}", timeout=10)
+    assert unseen.status_code == 404
+    response = call(api, model="echo", user="alice", temperature=0.5, x_stripped_everywhere=1, x_kept={"a": [1]})
+    assert response.status_code == 200
+    body = received(dialects, response)
+    assert "user" not in body and "x_stripped_everywhere" not in body
+    assert (body["model"], body["x_kept"]) == ("echo", {"a": [1]})
+    assert body["temperature"] == 0.5
+    # "echo"'s rules are echo's alone; "*" strips for every model.
+    response = call(api, model="other", user="alice", logit_bias={"50256": -100}, x_stripped_everywhere=1)
+    body = received(dialects, response)
+    assert (body["user"], body["logit_bias"]) == ("alice", {"50256": -100}) and "x_stripped_everywhere" not in body
+
+
+def test_the_other_endpoints_bodies_get_the_field_rules_before_anything_reads_them():
+    rules = {"m": {"deny": ["logit_bias"], "strip": ["user", "max_output_tokens", "max_tokens", "stream"]}}
+    responses = parse_responses_request({"model": "m", "input": "hi", "user": "u", "max_output_tokens": 5,
+                                         "stream": True, "top_k": 3}, rules)
+    assert (responses.max_tokens, responses.stream, responses.options) == (None, False, {"input": "hi", "top_k": 3})
+    completion = parse_text_completion_request({"model": "m", "prompt": "hi", "user": "u", "max_tokens": 5,
+                                                "top_k": 3}, rules)
+    # Its limit stripped, a completion gets OpenAI's default for this endpoint.
+    assert (completion.max_tokens, completion.options) == (16, {"top_k": 3})
+    embeddings = parse_embeddings_request({"model": "m", "input": "hi", "user": "u", "dimensions": 8}, rules)
+    assert embeddings.body == {"model": "m", "input": "hi", "dimensions": 8}
+    for parse, body in ((parse_responses_request, {"input": "hi"}), (parse_text_completion_request, {"prompt": "hi"}),
+                        (parse_embeddings_request, {"input": "hi"})):
+        with pytest.raises(ApiError) as denied:
+            parse({"model": "m", **body, "logit_bias": {}}, rules)
+        assert (denied.value.status, denied.value.code, denied.value.param) == (400, "unsupported_parameter",
+                                                                                "logit_bias")
+        assert parse({"model": "other", **body, "logit_bias": {}}, rules)  # another model's request passes
 
 
 # 2. n > 1. --------------------------------------------------------------------------------------------------------
