@@ -170,8 +170,11 @@ SLUICE_STICKY_ROUTING = env_bool("SLUICE_STICKY_ROUTING", True)
 # Fernet keys (comma-separated, the first encrypts) for provider keys stored in the database; empty: one derived from
 # DJANGO_SECRET_KEY (streaming/catalogue/secrets.py).
 SLUICE_SECRETS_KEY = os.environ.get("SLUICE_SECRETS_KEY", "")
-# Chat fields Sluice does not read are forwarded untouched. Per model (a name or a glob such as "*"), an operator may
-# deny some (400 unsupported_parameter) or strip them before forwarding, as JSON:
+# The currency of the catalogue's prices and of the ledger's costs (docs/quotas.md, "Money"): a label, never converted.
+SLUICE_CURRENCY = os.environ.get("SLUICE_CURRENCY", "USD")
+# Request fields Sluice does not read are forwarded untouched, on every endpoint. Per model (a name or a glob such as
+# "*"), an operator may deny some (400 unsupported_parameter) or strip them before forwarding, as JSON (a catalogue
+# model's own field_rules apply too):
 # SLUICE_FIELD_RULES='{"gpt-5*": {"deny": ["logit_bias"], "strip": ["temperature"]}}' (docs/api.md). JSON that does
 # not parse is kept as its text, for the sluice.E010 check to name.
 try:
@@ -243,6 +246,9 @@ QUOTA_CONCURRENCY_FAIL_OPEN = env_bool("QUOTA_CONCURRENCY_FAIL_OPEN", False)
 
 # Bearer token for Prometheus at /metrics (staff sessions work too); empty: sessions only.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+# OpenTelemetry traces and metrics after the GenAI semantic conventions, exported over OTLP/HTTP to where the standard
+# OTEL_EXPORTER_OTLP_* variables say (streaming/telemetry/otel.py; docs/operations.md, "OpenTelemetry"). Off: nothing.
+SLUICE_OTEL = env_bool("SLUICE_OTEL", False)
 
 LOGGING = {
     "version": 1,

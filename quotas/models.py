@@ -159,6 +159,12 @@ class Usage(models.Model):
                                                 help_text="Of the prompt tokens, those the provider read from its cache.")
     reasoning_tokens = models.PositiveIntegerField(null=True, blank=True,
                                                    help_text="Of the completion tokens, those spent on reasoning.")
+    cost_nanos = models.BigIntegerField(
+        null=True, blank=True,
+        help_text="What it cost, in 10⁻⁹ of the currency (SLUICE_CURRENCY), at `price`; empty: the model has no price.")
+    price = models.JSONField(null=True, blank=True,
+                             help_text="The model's price per million tokens that the cost used (input, cached input, "
+                                       "output, reasoning).")
     charged_tokens = models.PositiveIntegerField(
         default=0, help_text="What counted against the user's windows: the tokens above, except what a provider reported "
                              "beyond what the windows still allowed (docs/quotas.md, 'What is charged').")

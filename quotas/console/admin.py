@@ -12,7 +12,6 @@ import json
 import zoneinfo
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.auth import get_user_model
@@ -24,7 +23,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timeuntil
 
-from ..domain import operations
+from ..domain import catalogue, operations
 from ..domain.policy import LIMIT_FIELDS, Limits, calendar_windows
 from ..models import AuditEntry, Plan, UserQuota
 from ..store import StoreUnavailable
@@ -54,9 +53,9 @@ class TimezoneSelect:
 
 
 class AllowedModelsForm(forms.ModelForm):
-    """allowed_models ticked among the configured models (SLUICE_MODELS, read when the form is built) instead of typed
-    as JSON: a typo can no longer be saved. A name stored earlier and no longer configured is offered too, ticked, so
-    that saving another field keeps it (dropping it could widen the list to every model)."""
+    """allowed_models ticked among the catalogue's models (quotas/domain/catalogue.py, read when the form is built)
+    instead of typed as JSON: a typo can no longer be saved. A name stored earlier and no longer configured is offered
+    too, ticked, so that saving another field keeps it (dropping it could widen the list to every model)."""
 
     allowed_models = forms.MultipleChoiceField(required=False, widget=forms.CheckboxSelectMultiple)
     none_ticked = "None ticked: every configured model."
@@ -67,8 +66,9 @@ class AllowedModelsForm(forms.ModelForm):
         valid = stored is None or isinstance(stored, list) and all(isinstance(name, str) for name in stored)
         names = stored if valid and stored else []
         field = self.fields["allowed_models"]
-        field.choices = [*self.extra_choices(), *((name, name) for name in settings.SLUICE_MODELS),
-                         *((name, f"{name} (not configured)") for name in names if name not in settings.SLUICE_MODELS)]
+        configured = catalogue.model_names()
+        field.choices = [*self.extra_choices(), *((name, name) for name in configured),
+                         *((name, f"{name} (not configured)") for name in names if name not in configured)]
         field.help_text = self.none_ticked
         if not valid:
             # Saved past validation (a shell, an older admin): the plan allows nothing until a choice is saved here.

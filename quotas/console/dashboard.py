@@ -6,25 +6,32 @@ daily rollups (the ledger, by hour, for one day), refusals, cuts and failures fr
 that the cards, the tables and the rate chart all add up, first-token percentiles from the ledger, the top users and
 models from the rollups, each linked to the ledger filtered to them. The charts are SVG drawn here (charts.py; no
 CDN, no chart library). The live panel of running streams is pushed by streaming/gateway/live_panel.py over a
-WebSocket (the page only: the console imports nothing from streaming).
+WebSocket (the page only: the console imports nothing from streaming). The deployments' health (their breakers and
+limits from the counter store, their last hour from the ledger) lists the deployments the catalogue names through
+quotas/domain/catalogue.py.
 """
 
 import calendar
+import math
 import zoneinfo
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from urllib.parse import urlencode
 
+from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
-from django.db.models import (Case, CharField, Count, DateField, F, IntegerField, Max, Min, OuterRef, Subquery, Sum,
-                              Value, When)
+from django.db.models import (Case, CharField, Count, DateField, F, IntegerField, Max, Min, OuterRef, Q, Subquery,
+                              Sum, Value, When)
 from django.db.models.functions import Coalesce, TruncDate, TruncHour
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import formats, timezone
 
+from ..domain import catalogue
 from ..domain.selectors import CHARGED, TOKENS
 from ..models import DailyUsage, Usage, UserQuota
+from ..store import StoreUnavailable, get_store
 from . import charts, display
 
 TOP = 10
@@ -327,6 +334,92 @@ def _scaled(chart, fmt):
     return {"chart": chart, "scale": {"top": fmt(chart.peak), "middle": fmt(int(half) if half == int(half) else half)}}
 
 
+# Deployments (issue 17, item 7) --------------------------------------------------------------------------------
+
+
+HEALTH_WINDOW = timedelta(hours=1)
+
+
+def deployment_health(scope, now):
+    """A row per deployment: its breaker and adaptive limit now, from its record in the counter store (one round
+    trip), and its last hour from the ledger's `deployment` column (one grouped query). The deployments come from the
+    catalogue (quotas/domain/catalogue.py), and those the ledger names that it no longer has follow."""
+    deployments = catalogue.deployments(scope)
+    since = now - HEALTH_WINDOW
+    last_hour = deployment_ledger(since)
+    states = upstream_states([d.store_key for d in deployments], now.timestamp())
+    known = {d.name for d in deployments}
+    gone = [catalogue.Deployment(name, "") for name in sorted(last_hour) if name not in known]
+    rows = []
+    for deployment in [*deployments, *gone]:
+        figures = last_hour.get(deployment.name, {"requests": 0, "failed": 0, "p50": None, "p95": None})
+        requests = figures["requests"]
+        rows.append({
+            "name": deployment.name, "models": ", ".join(deployment.models),
+            **_upstream_state(states, deployment.store_key, now.timestamp()),
+            "p50": display.seconds(figures["p50"]), "p95": display.seconds(figures["p95"]),
+            "requests": requests, "failed": figures["failed"],
+            "error_rate": f"{100 * figures['failed'] / requests:.1f}%" if requests else "–",
+            "url": reverse("admin:quotas_usage_changelist") + "?" + urlencode(
+                {"deployment": deployment.name, "started_at__gte": since.isoformat()}),
+        })
+    return rows
+
+
+def deployment_ledger(since):
+    """{deployment: {"requests", "failed" (upstream errors), "p50", "p95" (first token, ms)}} since `since`: one
+    query grouped by deployment and rounded first-token time, like first_token_percentiles."""
+    rows = (Usage.objects.filter(started_at__gte=since).exclude(deployment="")
+            .annotate(ms=_shown_ms(F("time_to_first_token_ms"))).values_list("deployment", "ms").order_by()
+            .annotate(n=Count("id"), failed=Count("id", filter=Q(status=Usage.Status.UPSTREAM_ERROR))))
+    found = {}
+    for name, ms, n, failed in rows:
+        entry = found.setdefault(name, {"requests": 0, "failed": 0, "ms": {}})
+        entry["requests"] += n
+        entry["failed"] += failed
+        if ms is not None:
+            entry["ms"][ms] = entry["ms"].get(ms, 0) + n
+    for entry in found.values():
+        entry["p50"], entry["p95"] = _p50_p95(entry.pop("ms"))
+    return found
+
+
+def upstream_states(keys, now):
+    """{store key: UpstreamState} of the deployments' records, or None when the counter store is unavailable."""
+
+    async def read():  # in the loop: a Redis store belongs to one
+        return await get_store().upstream_states(keys, now)
+
+    try:
+        return async_to_sync(read)() if keys else {}
+    except StoreUnavailable:
+        return None
+
+
+def _upstream_state(states, key, now):
+    """The breaker (a badge's text, kind and title) and the limit, as the table shows them."""
+    if states is None or not key:
+        unknown = "the counter store is unavailable" if key else "no longer in the catalogue"
+        return {"breaker": ("unknown", "muted", unknown), "limit": "–", "in_flight": "–"}
+    state = states.get(key)
+    open_until = state.open_until if state else 0.0
+    if not settings.UPSTREAM_BREAKER_THRESHOLD:
+        breaker = ("off", "muted", "UPSTREAM_BREAKER_THRESHOLD is 0")
+    elif open_until > now:
+        breaker = ("open", "bad", f"requests are refused for {math.ceil(open_until - now)} s more")
+    elif open_until:
+        breaker = ("half-open", "warn", "the next request probes it")
+    else:
+        breaker = ("closed", "good", "")
+    top, bottom = settings.UPSTREAM_CONCURRENCY_MAX, settings.UPSTREAM_CONCURRENCY_MIN
+    if not top:
+        limit = "none"
+    else:
+        stored = state.limit if state and state.limit is not None else top
+        limit = f"{round(max(bottom, min(top, stored)), 1):g}"
+    return {"breaker": breaker, "limit": limit, "in_flight": state.permits if state else 0}
+
+
 def render(request, model_admin):
     if not model_admin.has_view_permission(request):
         raise PermissionDenied
@@ -359,5 +452,6 @@ def render(request, model_admin):
         "cut_url": ledger_link(period, status__exact=CUT),
         "errors": _by_reason(period, outcomes, FAILED, "status__exact"),
         "live_stale_seconds": LIVE_STALE_SECONDS,
+        "deployments": deployment_health(getattr(request, "scope", {}), timezone.now()),
     }
     return TemplateResponse(request, "admin/quotas/usage/dashboard.html", context)

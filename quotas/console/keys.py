@@ -13,7 +13,6 @@ import json
 import shlex
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
@@ -24,6 +23,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 
+from ..domain import catalogue
 from ..domain.selectors import caller_limits
 from ..models import ApiKey, AuditEntry
 from . import display
@@ -61,10 +61,11 @@ class Snippets:
 
 
 def example_model(user_id):
-    """A model the key's user may call (the first configured one their limits allow), for the snippets."""
+    """A model the key's user may call (the first in the catalogue their limits allow), for the snippets."""
     limits = caller_limits(user_id)
-    allowed = [name for name in settings.SLUICE_MODELS if limits.allows_model(name, settings.SLUICE_MODELS)]
-    return (allowed or settings.SLUICE_MODELS or ["MODEL"])[0]
+    names = catalogue.model_names()
+    allowed = [name for name in names if limits.allows_model(name, names)]
+    return (allowed or names or ["MODEL"])[0]
 
 
 def snippets(base_url, raw_key, model):

@@ -3,13 +3,13 @@ item 8), fast at millions of rows (docs/operations.md), and the way to the usage
 """
 
 from django.apps import apps
-from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.db.models import Q
 from django.urls import NoReverseMatch, path, reverse
 from django.utils.html import format_html
 
+from ..domain import catalogue
 from ..models import AuditEntry, DailyUsage, Usage
 from . import dashboard, display
 from .common import ReadOnlyAdmin, without_nul
@@ -19,14 +19,14 @@ User = get_user_model()
 
 
 class ModelFilter(admin.SimpleListFilter):
-    """Configured models and those in the daily rollups: a DISTINCT over the ledger would scan it all."""
+    """The catalogue's models and those in the daily rollups: a DISTINCT over the ledger would scan it all."""
 
     title = "model"
     parameter_name = "model"
 
     def lookups(self, request, model_admin):
         used = DailyUsage.objects.order_by().values_list("model", flat=True).distinct()
-        return [(name, name) for name in sorted({*settings.SLUICE_MODELS, *used}) if name]
+        return [(name, name) for name in sorted({*catalogue.model_names(), *used}) if name]
 
     def queryset(self, request, queryset):
         return queryset.filter(model=without_nul(self.value())) if self.value() else queryset

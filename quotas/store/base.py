@@ -163,6 +163,12 @@ class CounterStore:
         Reads only."""
         raise NotImplementedError
 
+    async def upstream_states(self, keys: list[str], now: float) -> dict:
+        """{key: UpstreamState} for the upstream records that exist among `keys` (the dashboard's health table; a
+        missing record is an upstream nobody called lately: its limit at the maximum, its breaker closed). Reads
+        only."""
+        raise NotImplementedError
+
 
 PERMIT_ACQUIRED, PERMIT_FULL, PERMIT_OPEN = "acquired", "full", "open"
 OUTCOME_OK, OUTCOME_THROTTLED, OUTCOME_FAILED, OUTCOME_NONE = "ok", "throttled", "failed", "none"
@@ -196,6 +202,15 @@ class PermitPolicy:
     def user_failures_counted(self) -> int:
         """How many of one run's failures count per user towards the shared breaker's threshold."""
         return -(-self.breaker_threshold // max(1, self.breaker_min_users))
+
+
+@dataclass(frozen=True)
+class UpstreamState:
+    """An upstream record as the dashboard reads it."""
+
+    limit: float | None  # as stored (the policy's bounds apply); None: not stored yet (the maximum)
+    open_until: float  # 0: the breaker is closed; past: half-open (the next request probes); future: open
+    permits: int  # unexpired permits held: requests in flight to it
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import time
 
 from .base import CounterStore, LeaseResult, RateResult, SlotResult
 from .base import (OUTCOME_FAILED, OUTCOME_OK, OUTCOME_THROTTLED, PERMIT_ACQUIRED, PERMIT_FULL, PERMIT_OPEN,
-                   PROBE_RETRY_SECONDS, PermitResult)
+                   PROBE_RETRY_SECONDS, PermitResult, UpstreamState)
 
 
 class MemoryStore(CounterStore):
@@ -306,3 +306,10 @@ class MemoryStore(CounterStore):
             waiting = {user for user, (_, _, wait_until) in users.items()
                        if wait_until > now and held.get(user, 0) < share}
             return {user: n - share for user, n in held.items() if n > share and waiting - {user}}
+
+    async def upstream_states(self, keys, now):
+        with self._lock:
+            records = self.__dict__.get("_upstreams", {})
+            return {key: UpstreamState(record["limit"], record["open_until"],
+                                       sum(1 for expires in record["permits"].values() if expires > now))
+                    for key in keys if (record := records.get(key)) is not None}

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from .base import CounterStore, LeaseResult, RateResult, SlotResult, StoreUnavailable
-from .base import PROBE_RETRY_SECONDS, PermitResult
+from .base import PROBE_RETRY_SECONDS, PermitResult, UpstreamState
 
 # KEYS[1]=zset; ARGV: limit, window, now, member
 RATE = """
@@ -312,6 +312,28 @@ class RedisStore(CounterStore):
         flat = await self._call(self._script(PERMIT_EXCESS), [key], [repr(now), policy.min_limit, policy.max_limit])
         users = [u.decode() if isinstance(u, bytes) else u for u in flat[::2]]
         return dict(zip(users, (int(n) for n in flat[1::2])))
+
+    async def upstream_states(self, keys, now):
+        # One round trip; each record is small (its permits and the users contending for it).
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                records = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        states = {}
+        for key, record in zip(keys, records):
+            if not record:
+                continue
+            fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                      for k, v in record.items()}
+            permits = sum(1 for field, value in fields.items()
+                          if field.startswith("p:") and float(value.partition("|")[0]) > now)
+            limit = fields.get("limit")
+            states[key] = UpstreamState(float(limit) if limit else None, float(fields.get("open_until") or 0),
+                                        permits)
+        return states
 
 
 # The upstream record, one hash per upstream: "limit" (float), "fails" (counted in the current run), "run" (the

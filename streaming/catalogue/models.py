@@ -8,6 +8,7 @@ OPENAI_BASE_URL / OPENAI_API_KEY / SLUICE_MODELS only seed it while it is empty 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
+from django.utils import timezone
 
 from .secrets import decrypt, encrypt
 
@@ -18,10 +19,14 @@ TOKEN_LIMIT_FIELDS = [("auto", "auto (max_completion_tokens for api.openai.com, 
 
 
 def validate_aliases(value):
+    # Codes of our own: a JSONField shows its "Value must be valid JSON." for an error coded `invalid`.
     if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
-        raise ValidationError("A list of names.")
+        raise ValidationError("A list of names.", code="invalid_aliases")
     for name in value:
-        NAME(name)
+        try:
+            NAME(name)
+        except ValidationError:
+            raise ValidationError(f"{name!r}: {NAME.message}", code="invalid_alias") from None
 
 
 class Provider(models.Model):
@@ -117,3 +122,30 @@ class Deployment(models.Model):
 
     def __str__(self):
         return f"{self.provider.name}/{self.upstream_model}"
+
+
+class ModelPrice(models.Model):
+    """A model's price per million tokens from `effective_from` on: a change is a new row, so each request is priced
+    at what applied when it started, and the history stays (the ledger row keeps the price it used)."""
+
+    model = models.ForeignKey(ServedModel, on_delete=models.CASCADE, related_name="prices")
+    effective_from = models.DateTimeField(default=timezone.now)
+    input = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)],
+                                help_text="Per million prompt tokens, in SLUICE_CURRENCY.")
+    cached_input = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True,
+                                       validators=[MinValueValidator(0)],
+                                       help_text="Per million prompt tokens read from the provider's cache; empty: "
+                                                 "the input price.")
+    output = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)],
+                                 help_text="Per million completion tokens.")
+    reasoning = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True,
+                                    validators=[MinValueValidator(0)],
+                                    help_text="Per million reasoning tokens (part of the completion's); empty: the "
+                                              "output price.")
+
+    class Meta:
+        ordering = ["model__name", "-effective_from"]
+        constraints = [models.UniqueConstraint(fields=["model", "effective_from"], name="one_price_per_instant")]
+
+    def __str__(self):
+        return f"{self.model.name} from {self.effective_from:%Y-%m-%d %H:%M}"

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models.signals import post_delete, post_save
 
-from .models import Deployment, Provider, ServedModel
+from .models import Deployment, ModelPrice, Provider, ServedModel
 from .snapshot import Catalogue, bootstrap_provider, from_records, from_settings, settings_key
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,13 @@ def invalidate(**_):
     _state.loaded_at = -float("inf")
 
 
-for _model in (Provider, ServedModel, Deployment):
+for _model in (Provider, ServedModel, Deployment, ModelPrice):
     post_save.connect(invalidate, sender=_model, dispatch_uid=f"catalogue-{_model.__name__}-saved")
     post_delete.connect(invalidate, sender=_model, dispatch_uid=f"catalogue-{_model.__name__}-deleted")
 
 
 def load() -> Catalogue:
-    """Read the records (three queries); bootstrap them from the settings first if there are none."""
+    """Read the records (four queries); bootstrap them from the settings first if there are none."""
     providers = list(Provider.objects.all())
     if not providers and settings.SLUICE_CATALOGUE_BOOTSTRAP:
         bootstrap()
@@ -51,7 +51,7 @@ def load() -> Catalogue:
     if not providers:
         return from_settings()
     return from_records(providers, list(ServedModel.objects.all()),
-                        list(Deployment.objects.select_related("provider")))
+                        list(Deployment.objects.select_related("provider")), list(ModelPrice.objects.all()))
 
 
 def bootstrap() -> bool:

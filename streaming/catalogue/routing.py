@@ -15,6 +15,7 @@ import random
 
 from django.conf import settings
 
+from quotas.domain.money import Price
 from streaming.provider.permits import get_upstream
 from streaming.provider.targets import Target, as_targets
 
@@ -26,6 +27,7 @@ class Route:
     name: str | None
     targets: tuple[Target, ...]
     names: tuple[str, ...]  # every public model name the catalogue has (a plan's allowed_models are among these)
+    price: Price | None = None  # the model's price when the request began (quotas/domain/money.py)
 
     def allows(self, limits) -> bool:
         return self.name is not None and bool(self.targets) and limits.allows_model(self.name, self.names)

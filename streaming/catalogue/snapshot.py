@@ -2,11 +2,14 @@
 from OPENAI_BASE_URL / OPENAI_API_KEY / SLUICE_MODELS; resolving a requested name to a Route is a dict lookup and,
 for a model with several deployments, a sort of a few (routing.py)."""
 
+import bisect
 import dataclasses
 import os
+import time
 
 from django.conf import settings
 
+from quotas.domain.money import Price
 from streaming.provider.targets import Target
 
 from .routing import Route, order
@@ -45,6 +48,12 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     context_length: int | None = None
     field_rules: dict = dataclasses.field(default_factory=dict)
+    prices: tuple[tuple[float, Price], ...] = ()  # (effective from, as a Unix time; the price), oldest first
+
+    def price_at(self, now: float) -> Price | None:
+        """The price in effect at `now`: the latest that began at or before it."""
+        index = bisect.bisect_right(self.prices, now, key=lambda entry: entry[0])
+        return self.prices[index - 1][1] if index else None
 
 
 class Catalogue:
@@ -71,7 +80,7 @@ class Catalogue:
         if len(targets) > 1:
             targets = order(targets, [spec.weight for spec in model.deployments],
                             [spec.priority for spec in model.deployments], sticky)
-        return Route(model.name, targets, self.names)
+        return Route(model.name, targets, self.names, model.price_at(time.time()) if model.prices else None)
 
     def _target(self, spec, simulator_url):
         url = spec.base_url or simulator_url
@@ -103,9 +112,14 @@ def bootstrap_provider() -> dict:
     return {"name": "simulator", "base_url": SIMULATOR, "api_key_env": "", "limit_scope": "provider"}
 
 
-def from_records(providers, models, deployments) -> Catalogue:
+def from_records(providers, models, deployments, prices=()) -> Catalogue:
     """The enabled records as a catalogue (a disabled provider's deployments are left out; a model with none left
     is unknown to clients)."""
+    by_price = {}
+    for price in sorted(prices, key=lambda p: p.effective_from):
+        by_price.setdefault(price.model_id, []).append((price.effective_from.timestamp(), Price(
+            input=price.input, output=price.output, cached_input=price.cached_input, reasoning=price.reasoning,
+            id=price.pk)))
     keys = {provider.pk: _api_key(provider) for provider in providers}
     by_model = {}
     for deployment in deployments:
@@ -117,7 +131,7 @@ def from_records(providers, models, deployments) -> Catalogue:
             deployment.weight, deployment.priority, provider.token_limit_field, provider.limit_scope,
             provider.connect_timeout, provider.first_token_timeout))
     specs = [ModelSpec(model.name, tuple(by_model[model.pk]), tuple(model.aliases or ()), model.context_length,
-                       dict(model.field_rules or {}))
+                       dict(model.field_rules or {}), tuple(by_price.get(model.pk, ())))
              for model in models if model.enabled and by_model.get(model.pk)]
     return Catalogue(specs)
 

@@ -146,6 +146,18 @@ def _rejected(status, body) -> UpstreamError:
                          param=scrub(param) if isinstance(param, str) else None)
 
 
+def _connect_failed(exc) -> bool:
+    """A connection refused (or no route, an unknown host): the SDK's aiohttp transport reports it as httpx's
+    ConnectTimeout, and the SDK as APITimeoutError, but nothing timed out (docs/resilience.md: upstream_unreachable)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _translate(exc: Exception) -> UpstreamError:
     # Messages are ours, except a provider's own client error (below), whose message is scrubbed: a provider's text
     # may name its URL, organisation or key prefix.
@@ -166,7 +178,7 @@ def _translate(exc: Exception) -> UpstreamError:
         if status == 404:
             return UpstreamError(404, "model_not_found", "The upstream provider does not serve this model.")
         return _rejected(status, exc.body)
-    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)):
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException)) and not _connect_failed(exc):
         return UpstreamError(504, "upstream_timeout", "The upstream provider did not answer in time.", retryable=True)
     if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError, OSError)):
         return UpstreamError(502, "upstream_unreachable", "Could not reach the upstream provider.", retryable=True)

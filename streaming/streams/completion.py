@@ -29,6 +29,7 @@ from django.utils import timezone
 from quotas.domain import admission, ledger
 from quotas.domain.exceptions import CounterStoreDown, ModelNotAllowed, QuotaRefusal
 from quotas.domain.leases import TokenLease
+from quotas.domain.money import cost_nanos
 from quotas.domain.policy import estimate_prompt_tokens
 from quotas.domain.recovery import reaper
 from quotas.models import Usage
@@ -37,7 +38,7 @@ from streaming.errors import duration
 from streaming.provider import retries
 from streaming.provider.endpoints import CHAT
 from streaming.provider.errors import UpstreamError
-from streaming.telemetry import live, metrics
+from streaming.telemetry import live, metrics, otel
 
 from .relay import Relay
 from .usage import read_usage
@@ -62,6 +63,7 @@ class Completion:
     and the deployments to try, in order; or a provider URL (tests, benchmarks)."""
 
     endpoint = CHAT  # the provider's endpoint: its path, and how its stream's events are classified
+    _otel = None  # its OpenTelemetry span once admitted, while SLUICE_OTEL is on (streaming/telemetry/otel.py)
 
     def __init__(self, caller, chat, route):
         self.caller = caller  # streaming.gateway.middleware.Caller: who, with which limits
@@ -83,6 +85,9 @@ class Completion:
 
     async def respond(self):
         await self._admit()
+        if settings.SLUICE_OTEL:
+            self._otel = otel.start(self.endpoint.path, self.route.name, self.request_id, self.caller.user_id,
+                                    self.started)
         # Until a relay's watchdog takes over (or a non-streaming answer arrives), the lease, the slot and the row's
         # heartbeat are kept alive from here: waiting for a slow provider is not dying.
         keep_alive = asyncio.ensure_future(self._keep_alive())
@@ -90,6 +95,8 @@ class Completion:
             if not self.chat.stream:
                 raw, self.served_by = await retries.complete(
                     self.route.targets, self._body_for, self.request_id, self.caller.user_id, self.endpoint)
+                if self._otel is not None:
+                    self._otel.answer(raw)
                 await self._settle("completed", reported_usage=_usage_of(raw))
                 return self._with_token_headers(HttpResponse(raw, content_type="application/json"))
             events = await retries.open_stream(self.route.targets, self._body_for, self.request_id,
@@ -191,6 +198,10 @@ class Completion:
         fields = {"status": status, "reason": reason, "prompt_tokens": prompt_tokens,
                   "completion_tokens": completion_tokens, "usage_reported": reported, "charged_tokens": charged,
                   "deployment": self.served_by.name if self.served_by else "", **details}
+        if (price := self.route.price) is not None:
+            fields["cost_nanos"] = cost_nanos(price, prompt_tokens, completion_tokens, details.get("cached_tokens"),
+                                              details.get("reasoning_tokens"))
+            fields["price"] = price.as_record()
         ttft = None
         if figures is not None:
             if figures.first_token_at:
@@ -199,6 +210,9 @@ class Completion:
                 bytes_sent=figures.bytes_sent, backpressure_pauses=figures.pauses,
                 paused_ms=int(figures.paused_seconds * 1000), peak_buffered_bytes=figures.peak_buffered_bytes,
                 time_to_first_token_ms=int(ttft * 1000) if ttft is not None else None)
+        if self._otel is not None:
+            self._otel.end(status, prompt_tokens, completion_tokens, self.served_by, reason=reason, ttft=ttft,
+                           max_tokens=lease.max_tokens)
         settled_here = False
         try:
             settled_here = await ledger.close_ledger(self.row, **fields)
