@@ -32,6 +32,17 @@ class WindowSpec:
     key: str
     limit: int
     expire_at: float  # when the whole window's record may be dropped (its end, plus a margin)
+    # The window's units per token of this lease: 1 for a token window; for a money window, the nanos a token costs
+    # at the rate of what is leased (the prompt's input rate at admission, the output rate while streaming).
+    rate: int = 1
+
+
+def per_window(value, windows) -> tuple:
+    """`held` or `charged`: one number for every window, or one per window (in each window's units)."""
+    if isinstance(value, int):
+        return tuple(value * w.rate for w in windows) if any(w.rate != 1 for w in windows) else (value,) * len(
+            windows)
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,7 @@ class CounterStore:
         """Give the slot back; releasing a slot that is not held does nothing."""
         raise NotImplementedError
 
-    async def lease(self, windows: list[WindowSpec], holder: str, held: int, want: int, now: float,
+    async def lease(self, windows: list[WindowSpec], holder: str, held, want: int, now: float,
                     ttl: float) -> LeaseResult:
         """Grant up to `want` more tokens to `holder`, who holds `held` already, in every window at once.
 
@@ -80,6 +91,10 @@ class CounterStore:
         as `held + granted` (an absolute value, so a window rebuilt with a placeholder for this
         holder is corrected, never counted twice). If any window's record is missing, grants
         nothing and names the missing keys: seed them from the ledger, then call again.
+
+        Weighted windows (`WindowSpec.rate` ≠ 1, money): a window with `left` units has room for left // rate
+        tokens, and a grant takes granted × rate of its units; `held` is then one amount per window, in its units
+        (a number alone: that many tokens at each window's rate). `remaining` is in each window's units.
         """
         raise NotImplementedError
 
@@ -88,8 +103,9 @@ class CounterStore:
         """Heartbeat: push back the expiry of the holder's leases and slot."""
         raise NotImplementedError
 
-    async def settle(self, windows: list[WindowSpec], holder: str, charged: int) -> None:
-        """Turn the holder's lease into `charged` used tokens, in every window.
+    async def settle(self, windows: list[WindowSpec], holder: str, charged) -> None:
+        """Turn the holder's lease into `charged` used tokens, in every window (or, as for `held`, one amount per
+        window in its units: a money window is charged the request's cost).
 
         Only where the holder still has a lease: a window rebuilt from a ledger that already holds
         this request's final row must not count it twice. Missing windows are left missing.

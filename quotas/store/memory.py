@@ -8,7 +8,7 @@ import bisect
 import threading
 import time
 
-from .base import CounterStore, LeaseResult, RateResult, SlotResult
+from .base import CounterStore, LeaseResult, RateResult, SlotResult, per_window
 from .base import (OUTCOME_FAILED, OUTCOME_OK, OUTCOME_THROTTLED, PERMIT_ACQUIRED, PERMIT_FULL, PERMIT_OPEN,
                    PROBE_RETRY_SECONDS, PermitResult, UpstreamState)
 
@@ -70,24 +70,26 @@ class MemoryStore(CounterStore):
             self._slots.get(key, {}).pop(holder, None)
 
     async def lease(self, windows, holder, held, want, now, ttl):
+        held = per_window(held, windows)
         with self._lock:
             records = [self._window(w.key) for w in windows]
             missing = tuple(w.key for w, r in zip(windows, records) if r is None)
             if missing:
                 return LeaseResult(0, missing=missing)
             available = []
-            for window, record in zip(windows, records):
+            for window, record, mine in zip(windows, records, held):
                 leases = record["leases"]
                 for other, (_, expires) in list(leases.items()):
                     if expires <= now:
                         del leases[other]
                 others = sum(t for h, (t, _) in leases.items() if h != holder)
-                available.append(window.limit - record["used"] - others - held)
-            granted = max(0, min(want, *available))
-            for window, record in zip(windows, records):
-                record["leases"][holder] = [held + granted, now + ttl]
+                available.append(window.limit - record["used"] - others - mine)
+            granted = max(0, min(want, *(a // w.rate for a, w in zip(available, windows))))
+            for window, record, mine in zip(windows, records, held):
+                record["leases"][holder] = [mine + granted * window.rate, now + ttl]
                 record["expire_at"] = max(record["expire_at"], window.expire_at)
-            return LeaseResult(granted, remaining=tuple(max(0, a - granted) for a in available))
+            return LeaseResult(granted, remaining=tuple(max(0, a - granted * w.rate)
+                                                        for a, w in zip(available, windows)))
 
     async def renew(self, windows, slot_key, holder, now, ttl):
         with self._lock:
@@ -100,10 +102,10 @@ class MemoryStore(CounterStore):
 
     async def settle(self, windows, holder, charged):
         with self._lock:
-            for window in windows:
+            for window, amount in zip(windows, per_window(charged, windows)):
                 record = self._window(window.key)
                 if record is not None and record["leases"].pop(holder, None) is not None:
-                    record["used"] += charged
+                    record["used"] += amount
 
     async def seed(self, window, used, leases, now, ttl):
         with self._lock:

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from .base import CounterStore, LeaseResult, RateResult, SlotResult, StoreUnavailable
+from .base import CounterStore, LeaseResult, RateResult, SlotResult, StoreUnavailable, per_window
 from .base import PROBE_RETRY_SECONDS, PermitResult, UpstreamState
 
 # KEYS[1]=zset; ARGV: limit, window, now, member
@@ -55,10 +55,12 @@ end
 return {0, n}
 """
 
-# Window hashes: field "used", and one field per lease holder, "h:<holder>" = "tokens:expires".
-# KEYS = windows; ARGV: holder, held, want, now, ttl, then limit and expire_at per window.
+# Window hashes: field "used", and one field per lease holder, "h:<holder>" = "units:expires" (a token window's unit
+# is a token; a money window's, a nano: quotas/domain/money.py).
+# KEYS = windows; ARGV: holder, (unused), want (tokens), now, ttl, then per window: limit, expire_at, rate (units per
+# token of this lease), held (the holder's units in this window).
 LEASE = """
-local holder, held, want = 'h:' .. ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local holder, want = 'h:' .. ARGV[1], tonumber(ARGV[3])
 local now, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local missing = {}
 for i, key in ipairs(KEYS) do
@@ -68,7 +70,8 @@ if #missing > 0 then return {0, missing, {}} end
 local available = {}
 local granted = want
 for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[4 + 2 * i])
+  local base = 2 + 4 * i
+  local limit, rate, held = tonumber(ARGV[base]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
   local used, others = 0, 0
   local all = redis.call('HGETALL', key)
   for j = 1, #all, 2 do
@@ -77,26 +80,30 @@ for i, key in ipairs(KEYS) do
       used = tonumber(value)
     elseif string.sub(field, 1, 2) == 'h:' then
       local sep = string.find(value, ':')
-      local tokens, expires = tonumber(string.sub(value, 1, sep - 1)), tonumber(string.sub(value, sep + 1))
+      local units, expires = tonumber(string.sub(value, 1, sep - 1)), tonumber(string.sub(value, sep + 1))
       if expires <= now then
         redis.call('HDEL', key, field)
       elseif field ~= holder then
-        others = others + tokens
+        others = others + units
       end
     end
   end
   available[i] = limit - used - others - held
-  if available[i] < granted then granted = available[i] end
+  local room = math.floor(available[i] / rate)
+  if room < granted then granted = room end
 end
 if granted < 0 then granted = 0 end
 local remaining = {}
 for i, key in ipairs(KEYS) do
-  redis.call('HSET', key, holder, (held + granted) .. ':' .. (now + ttl))
-  local expire_at = tonumber(ARGV[5 + 2 * i])
+  local base = 2 + 4 * i
+  local rate, held = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  -- %d: concatenating a number formats it with 14 significant digits, and a money window's nanos may have more.
+  redis.call('HSET', key, holder, string.format('%d', held + granted * rate) .. ':' .. (now + ttl))
+  local expire_at = tonumber(ARGV[base + 1])
   if redis.call('PEXPIRETIME', key) < expire_at * 1000 then
     redis.call('PEXPIREAT', key, math.ceil(expire_at * 1000))
   end
-  remaining[i] = math.max(0, available[i] - granted)
+  remaining[i] = math.max(0, available[i] - granted * rate)
 end
 return {granted, {}, remaining}
 """
@@ -120,11 +127,11 @@ end
 return 1
 """
 
-# KEYS = windows; ARGV: holder, charged
+# KEYS = windows; ARGV: holder, then the units charged per window
 SETTLE = """
 for i, key in ipairs(KEYS) do
   if redis.call('HDEL', key, 'h:' .. ARGV[1]) == 1 then
-    redis.call('HINCRBY', key, 'used', ARGV[2])
+    redis.call('HINCRBY', key, 'used', ARGV[1 + i])
   end
 end
 return 1
@@ -247,9 +254,9 @@ class RedisStore(CounterStore):
             raise StoreUnavailable(type(exc).__name__) from exc
 
     async def lease(self, windows, holder, held, want, now, ttl):
-        args = [holder, held, want, repr(now), ttl]
-        for window in windows:
-            args += [window.limit, repr(window.expire_at)]
+        args = [holder, 0, want, repr(now), ttl]
+        for window, mine in zip(windows, per_window(held, windows)):
+            args += [window.limit, repr(window.expire_at), window.rate, mine]
         granted, missing, remaining = await self._call(self._lease, [w.key for w in windows], args)
         return LeaseResult(int(granted), tuple(m.decode() if isinstance(m, bytes) else m for m in missing),
                            tuple(int(r) for r in remaining))
@@ -259,7 +266,7 @@ class RedisStore(CounterStore):
         await self._call(self._renew, keys, [holder, repr(now), ttl, "1" if slot_key else "0"])
 
     async def settle(self, windows, holder, charged):
-        await self._call(self._settle, [w.key for w in windows], [holder, charged])
+        await self._call(self._settle, [w.key for w in windows], [holder, *per_window(charged, windows)])
 
     async def seed(self, window, used, leases, now, ttl):
         args = [used, repr(window.expire_at), ttl, repr(now)]

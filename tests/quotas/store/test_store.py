@@ -1,6 +1,7 @@
 """The counter store contract: the same tests against the in-process store and Redis."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -146,3 +147,38 @@ async def test_delete_drops_a_window(store):
     await store.seed(w, 5, {}, 1000.0, 30)
     await store.delete(w.key)
     assert await store.usage(w.key, 1000.0) is None
+
+
+async def test_a_money_window_grants_the_tokens_its_nanos_allow_at_the_leases_rate(store):
+    """A weighted window (WindowSpec.rate: nanos a token): room for left // rate tokens; held and charged per window
+    in its own units; the token window beside it as before."""
+    tokens = window("t", 1_000)
+    money = WindowSpec(key="test:money", limit=10_000_000, expire_at=time.time() + 3600)  # 0.01 in nanos
+    for w in (tokens, money):
+        await store.seed(w, 0, {}, 1000.0, 30)
+    prompt = [tokens, dataclasses.replace(money, rate=2_500)]  # input at 2.5 per million tokens
+    result = await store.lease(prompt, "r1", 0, 200, 1000.0, 30)
+    assert (result.granted, result.remaining) == (200, (800, 10_000_000 - 500_000))
+    output = [tokens, dataclasses.replace(money, rate=10_000)]  # output at 10 per million tokens: 950 tokens left
+    result = await store.lease(output, "r1", (200, 500_000), 5_000, 1000.0, 30)
+    assert (result.granted, result.remaining) == (800, (0, 10_000_000 - 500_000 - 8_000_000))
+    assert await store.usage(money.key, 1000.0) == (0, 8_500_000)
+    # Another holder: the money window has 1,500,000 nanos left, 150 output tokens; the token window none.
+    assert (await store.lease(output, "r2", 0, 100, 1000.0, 30)).granted == 0
+    await store.settle(output, "r1", (900, 7_000_000))
+    assert await store.usage(money.key, 1000.0) == (7_000_000, 0)
+    assert await store.usage(tokens.key, 1000.0) == (900, 0)
+    result = await store.lease([window("t2", 10**6), dataclasses.replace(money, rate=10_000)], "r2", 0, 10**6,
+                               1000.0, 30)
+    assert result.missing == ("test:t2",)
+
+
+async def test_a_money_windows_large_amounts_stay_exact(store):
+    """Nanos beyond 14 significant digits (a budget of 10 million): held and charged exactly."""
+    big = WindowSpec(key="test:big", limit=10**16, expire_at=time.time() + 3600, rate=123_456_789)
+    await store.seed(big, 0, {}, 1000.0, 30)
+    result = await store.lease([big], "r1", (0,), 10**6, 1000.0, 30)
+    assert result.granted == 10**6
+    assert await store.usage(big.key, 1000.0) == (0, 123_456_789 * 10**6)
+    await store.settle([big], "r1", (123_456_789_012_345,))
+    assert await store.usage(big.key, 1000.0) == (123_456_789_012_345, 0)
