@@ -13,6 +13,7 @@ class UpstreamError(Exception):
     retry_after_seconds: float | None = None
     retryable: bool = False
     param: str | None = None  # the request field a provider's refusal names
+    target: object = None  # the deployment (targets.Target) that answered or refused last, for the ledger
 
     def __str__(self):
         return self.message

@@ -102,6 +102,7 @@ async def _with_retries(targets, request_id, fair_key, attempt, keeps_permit):
         try:
             permit = await guard.acquire(fair_key, request_id, queue_timeout, retry=attempts > 0)
         except UpstreamError as refusal:  # its breaker is open, or its queue is full
+            refusal.target = target
             if last_of_round or (started is not None and time.monotonic() > started + policy.deadline_seconds):
                 raise
             metrics.UPSTREAM_FALLBACKS.labels(target.provider).inc()
@@ -114,6 +115,7 @@ async def _with_retries(targets, request_id, fair_key, attempt, keeps_permit):
         try:
             result = await attempt(target, permit)
         except UpstreamError as error:
+            error.target = target
             await permit.release(outcome_of(error))
             metrics.UPSTREAM_ERRORS.labels(error.code, target.provider).inc()
             if not error.retryable:

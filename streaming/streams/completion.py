@@ -103,6 +103,7 @@ class Completion:
                                                self.caller.user_id, self.endpoint)
             self.served_by = events.target
         except UpstreamError as error:
+            self.served_by = error.target  # the deployment that failed or refused last (the dashboard's error rate)
             await self._settle("upstream_error", reason=error.code, charge_prompt=False)
             raise
         except BaseException:  # cancelled: the client went away while the provider was being asked

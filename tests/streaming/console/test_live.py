@@ -82,5 +82,6 @@ def test_the_dashboard_shows_the_deployment_whose_breaker_opened(make_user):
         with httpx2.Client(base_url=gateway.base_url, timeout=10, cookies={
                 "sessionid": session.cookies["sessionid"].value}) as http:
             html = http.get("/admin/quotas/usage/dashboard/").text
-        assert breaker_and_requests(html, "failing/m") == ("open", "0")
+        # Its three requests (two failed, one refused by the open breaker) are its own in the ledger.
+        assert breaker_and_requests(html, "failing/m") == ("open", "3")
         assert breaker_and_requests(html, "local/sim-small") == ("closed", "1")
