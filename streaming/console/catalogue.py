@@ -18,7 +18,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from quotas.console.common import NulFree
-from streaming.catalogue.models import NAME, Deployment, Provider, ServedModel
+from streaming.catalogue.models import NAME, Deployment, ModelPrice, Provider, ServedModel
 from streaming.catalogue.secrets import SecretsUnavailable
 from streaming.gateway.validation import field_rules_problem
 
@@ -234,10 +234,25 @@ class DeploymentInline(admin.TabularInline):
         return 1 if obj is None else 0
 
 
+class PriceInline(admin.TabularInline):
+    """Prices are added, never edited: a change is a new price from its time on, and each ledger row keeps the one
+    it used (docs/quotas.md, "Money")."""
+
+    model = ModelPrice
+    fields = ["effective_from", "input", "cached_input", "output", "reasoning"]
+    extra = 0
+    can_delete = False
+    verbose_name_plural = (f"prices per million tokens, in {settings.SLUICE_CURRENCY} (a change is a new price from "
+                           f"its time on; a request is priced at the one in effect when it began)")
+
+    def has_change_permission(self, request, obj=None):
+        return False  # the rows there stay as they are; new ones can be added
+
+
 @admin.register(ServedModel)
 class ServedModelAdmin(AuditedCatalogueAdmin):
     form = ServedModelForm
-    inlines = [DeploymentInline]
+    inlines = [DeploymentInline, PriceInline]
     audited_fields = audit.MODEL_FIELDS
     list_display = ["name", "other_names", "served_by", "context_length", "status"]
     list_filter = ["enabled"]
@@ -272,6 +287,13 @@ class ServedModelAdmin(AuditedCatalogueAdmin):
 
     def save_formset(self, request, form, formset, change):
         """The deployments' saves, each audited: added, changed (from what), removed."""
+        if formset.model is ModelPrice:
+            with transaction.atomic():
+                super().save_formset(request, form, formset, change)
+                audit.AuditEntry.objects.bulk_create(
+                    audit.saved(request.user, price, None, audit.values(price, audit.PRICE_FIELDS))
+                    for price in formset.new_objects)
+            return None
         if formset.model is not Deployment:
             return super().save_formset(request, form, formset, change)
         ids = [f.instance.pk for f in formset.forms if f.instance.pk]

@@ -3,12 +3,13 @@ client): the key written once, stored encrypted and never shown again, nor in th
 the field rules checked as the gateway checks them; plans and the ledger choosing among the catalogue's models."""
 
 import json
+from decimal import Decimal
 
 import pytest
 from django.urls import reverse
 
 from quotas.models import AuditEntry, Plan
-from streaming.catalogue.models import Deployment, Provider, ServedModel
+from streaming.catalogue.models import Deployment, ModelPrice, Provider, ServedModel
 from tests.quotas.console.test_admin import form_data
 
 pytestmark = pytest.mark.django_db
@@ -152,3 +153,22 @@ def test_plans_and_the_ledger_offer_the_catalogues_models(admin_client):
     ledger = admin_client.get(reverse("admin:quotas_usage_changelist"))
     model_filter = next(f for f in ledger.context["cl"].filter_specs if getattr(f, "parameter_name", "") == "model")
     assert [value for value, _ in model_filter.lookup_choices] == ["llama", "qwen"]
+
+
+def test_a_price_is_added_never_edited_and_audited(admin_client):
+    model = ServedModel.objects.create(name="qwen")
+    old = ModelPrice.objects.create(model=model, input=Decimal("1"), output=Decimal("2"))
+    url = reverse("admin:streaming_servedmodel_change", args=[model.pk])
+    page = admin_client.get(url)
+    assert "Prices per million tokens, in USD" in page.content.decode()
+    # The stored price is shown, not offered as a form; a new one is added beside it.
+    assert admin_client.post(url, form_data(page, **{
+        "prices-TOTAL_FORMS": "1", "prices-INITIAL_FORMS": "0", "prices-0-effective_from_0": "2026-12-24",
+        "prices-0-effective_from_1": "00:00:00", "prices-0-input": "0.15", "prices-0-output": "0.60",
+        "prices-0-cached_input": "0.075"})).status_code == 302
+    assert list(model.prices.order_by("effective_from").values_list("input", "output", "cached_input")) == [
+        (Decimal("1"), Decimal("2"), None), (Decimal("0.15"), Decimal("0.6"), Decimal("0.075"))]
+    old.refresh_from_db()
+    assert (old.input, old.output) == (Decimal("1"), Decimal("2"))
+    entry = AuditEntry.objects.get(target_type="streaming.modelprice")
+    assert (entry.action, entry.new["input"], entry.new["model"]) == (Action.CREATED, "0.15", "qwen")
