@@ -12,15 +12,18 @@ never sets nor clears a stored key (a key in a file would end up in a repository
 
 import copy
 import dataclasses
+import datetime
 import json
 import math
 from collections import Counter
+from decimal import Decimal, InvalidOperation
 from types import SimpleNamespace
 
 import yaml
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.utils.dateparse import parse_datetime
 
-from .models import Deployment, Provider, ServedModel
+from .models import Deployment, ModelPrice, Provider, ServedModel
 
 STORED = "stored"  # the value of `api_key` for a provider whose key is stored in the database
 HEADER = "# Sluice's catalogue: manage.py catalogue import FILE (docs/operations.md, \"Providers and models\").\n"
@@ -34,6 +37,7 @@ MODEL = (("name", "name", str), ("aliases", "aliases", list), ("context_length",
          ("field_rules", "field_rules", dict), ("enabled", "enabled", bool))
 DEPLOYMENT = (("provider", "provider", str), ("model", "upstream_model", str), ("weight", "weight", int),
               ("priority", "priority", int), ("enabled", "enabled", bool))
+PRICE_RATES = ("input", "cached_input", "output", "reasoning")
 KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
          dict: "a mapping"}
 
@@ -48,7 +52,7 @@ class Invalid(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Change:
-    kind: str  # provider, model, deployment
+    kind: str  # provider, model, deployment, price
     label: str
     action: str  # created, updated, unchanged, deleted
     diffs: tuple = ()  # (field, old, new)
@@ -77,7 +81,7 @@ class Plan:
 def export() -> dict:
     """The catalogue as a document: sorted by name, defaults left out, so that an unchanged catalogue exports the
     same bytes (and a change is a one-line diff)."""
-    models = ServedModel.objects.prefetch_related("deployments__provider")
+    models = ServedModel.objects.prefetch_related("deployments__provider", "prices")
     return {"providers": [_provider_entry(p) for p in sorted(Provider.objects.all(), key=lambda p: p.name)],
             "models": [_model_entry(m) for m in sorted(models, key=lambda m: m.name)]}
 
@@ -98,7 +102,24 @@ def _model_entry(model):
     if deployments:
         entry["deployments"] = [_Inline(_entry(d, DEPLOYMENT, Deployment, required={"provider", "model"}))
                                 for d in deployments]
+    prices = sorted(model.prices.all(), key=lambda p: p.effective_from)
+    if prices:
+        entry["prices"] = [_Inline(_price_entry(p)) for p in prices]
     return entry
+
+
+def _price_entry(price):
+    """`{from: 2026-12-01T00:00:00Z, input: '2.5', output: '10'}`: exact decimals as strings, the time in UTC."""
+    entry = {"from": price.effective_from.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    for rate in PRICE_RATES:
+        value = getattr(price, rate)
+        if value is not None:
+            entry[rate] = _decimal_text(value)
+    return entry
+
+
+def _decimal_text(value):
+    return format(Decimal(value).normalize(), "f")
 
 
 def _entry(record, fields, model, required):
@@ -188,7 +209,9 @@ def _database():
     deployments = Deployment.objects.select_related("model", "provider")
     return SimpleNamespace(providers={p.name: p for p in Provider.objects.all()},
                            models={m.name: m for m in ServedModel.objects.all()},
-                           deployments={(d.model.name, d.provider.name, d.upstream_model): d for d in deployments})
+                           deployments={(d.model.name, d.provider.name, d.upstream_model): d for d in deployments},
+                           prices={(p.model.name, p.effective_from): p
+                                   for p in ModelPrice.objects.select_related("model")})
 
 
 def _section(document, key, problems, path=None):
@@ -228,7 +251,8 @@ def _models(entries, db, providers, rules_problem, problems, result):
     models, kept = {}, set()
     for i, entry in enumerate(entries):
         path = f"models[{i}]"
-        values = _values(entry, MODEL, ServedModel, path, problems, required={"name"}, extra={"deployments"})
+        values = _values(entry, MODEL, ServedModel, path, problems, required={"name"},
+                         extra={"deployments", "prices"})
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not _unique(name, models, path, "model", problems):
             continue
@@ -256,7 +280,58 @@ def _models(entries, db, providers, rules_problem, problems, result):
                 values.update(model=model or ServedModel(), provider=providers[key[1]] or Provider())
                 _upsert(db.deployments.get(key), Deployment, values, DEPLOYMENT, where, problems, result,
                         "deployment", _label(key))
+        for j, spec in enumerate(_section(entry, "prices", problems, f"{path}.prices")):
+            _price(spec, name, model, f"{path}.prices[{j}]", db, problems, result)
     return models, kept
+
+
+def _price(entry, name, model, path, db, problems, result):
+    """A price is added, never changed (a ledger row keeps the one it used): one the database has at the same time
+    must be the same; --prune leaves prices alone (they are the ledger's history)."""
+    if not isinstance(entry, dict):
+        problems.append(f"{path}: must be a mapping, got {_show(entry)}")
+        return
+    found = len(problems)
+    for key in entry:
+        if key not in ("from", *PRICE_RATES):
+            problems.append(f"{path}.{key}: unknown field (expected one of from, {', '.join(PRICE_RATES)})")
+    when = entry.get("from")
+    # YAML reads an unquoted 2026-12-01T00:00:00Z as a time already.
+    at = when if isinstance(when, datetime.datetime) else parse_datetime(when) if isinstance(when, str) else None
+    if at is None:
+        problems.append(f"{path}.from: required, a time such as 2026-12-01T00:00:00Z")
+    elif at.tzinfo is None:
+        at = at.replace(tzinfo=datetime.UTC)
+    rates = {}
+    for rate in PRICE_RATES:
+        value = entry.get(rate)
+        if value is None:
+            if rate in ("input", "output"):
+                problems.append(f"{path}.{rate}: required, per million tokens")
+            rates[rate] = None
+            continue
+        try:
+            number = Decimal(str(value)) if isinstance(value, (int, float, str)) and not isinstance(value, bool) \
+                else None
+        except InvalidOperation:
+            number = None
+        if number is None or not number.is_finite() or number < 0:
+            problems.append(f"{path}.{rate}: must be a number ≥ 0 per million tokens, got {_show(value)}")
+        else:
+            rates[rate] = number
+    if len(problems) > found:
+        return
+    label = f"{name} from {at.astimezone(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}"
+    stored = db.prices.get((name, at))
+    if stored is not None:
+        if any(getattr(stored, r) != rates[r] for r in PRICE_RATES):
+            problems.append(f"{path}: the price from {label.split(' from ')[1]} differs from the stored one; prices are never "
+                            "changed (the ledger keeps the one each request used): add one with a later `from`")
+        else:
+            result.changes.append(Change("price", label, "unchanged"))
+        return
+    result.changes.append(Change("price", label, "created"))
+    result.saves.append((ModelPrice(model=model or ServedModel(), effective_from=at, **rates), None))
 
 
 def _prune_models(db, models, kept, result):

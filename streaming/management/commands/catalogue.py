@@ -10,13 +10,14 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from streaming.catalogue import files, registry
-from streaming.catalogue.models import Deployment, Provider, ServedModel
+from streaming.catalogue.models import Deployment, ModelPrice, Provider, ServedModel
 from streaming.catalogue.snapshot import bootstrap_provider
 from streaming.console import audit
 from streaming.gateway.validation import field_rules_problem
 
 FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
-AUDITED = {Provider: audit.PROVIDER_FIELDS, ServedModel: audit.MODEL_FIELDS, Deployment: audit.DEPLOYMENT_FIELDS}
+AUDITED = {Provider: audit.PROVIDER_FIELDS, ServedModel: audit.MODEL_FIELDS, Deployment: audit.DEPLOYMENT_FIELDS,
+           ModelPrice: audit.PRICE_FIELDS}
 
 
 class Command(BaseCommand):

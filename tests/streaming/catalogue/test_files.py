@@ -5,6 +5,8 @@ each problem and nothing written. docs/operations.md, "Providers and models"."""
 import io
 import json
 import re
+import time
+from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
@@ -15,7 +17,7 @@ from bench.servers import PROJECT_ROOT
 from quotas.models import AuditEntry
 from streaming.catalogue import registry
 from streaming.catalogue.files import HEADER
-from streaming.catalogue.models import Deployment, Provider, ServedModel
+from streaming.catalogue.models import Deployment, ModelPrice, Provider, ServedModel
 
 pytestmark = pytest.mark.django_db
 
@@ -63,6 +65,9 @@ models:
       strip: [temperature, top_p]
     deployments:
       - {provider: openai, model: gpt-5-mini}
+    prices:
+      - {from: '2026-01-01T00:00:00Z', input: '0.25', cached_input: '0.025', output: '2'}
+      - {from: '2026-12-01T00:00:00Z', input: '0.2', output: '1.6', reasoning: '1.6'}
   - name: qwen3-32b
     aliases: [default, qwen]
     context_length: 32768
@@ -99,7 +104,8 @@ def write(tmp_path, text, name="catalogue.yaml"):
 
 def state():
     """Every record with every column (updated_at too: a record saved unchanged would show), and the audit trail."""
-    return [list(model.objects.order_by("pk").values()) for model in (Provider, ServedModel, Deployment, AuditEntry)]
+    return [list(model.objects.order_by("pk").values())
+            for model in (Provider, ServedModel, Deployment, ModelPrice, AuditEntry)]
 
 
 def refused(path, *options):
@@ -137,7 +143,7 @@ def test_an_exported_file_imports_as_a_no_op_and_exports_byte_identical(tmp_path
     for name in ("again.yaml", "again.json"):
         path = tmp_path / name
         catalogue("export", path)
-        assert catalogue("import", path) == "0 created, 0 updated, 12 unchanged, 0 deleted\n"
+        assert catalogue("import", path) == "0 created, 0 updated, 14 unchanged, 0 deleted\n"
         assert state() == before
         catalogue("export", tmp_path / f"re-{name}")
         assert (tmp_path / f"re-{name}").read_bytes() == path.read_bytes()
@@ -181,7 +187,7 @@ def test_a_field_left_out_takes_its_default(tmp_path):
 def test_a_dry_run_reports_and_writes_nothing(tmp_path):
     out = catalogue("import", write(tmp_path, EXAMPLE), "--dry-run")
     assert out.splitlines()[-1] == "5 created, 0 updated, 0 unchanged, 0 deleted (dry run: nothing written)"
-    assert state() == [[], [], [], []]
+    assert state() == [[], [], [], [], []]
 
     catalogue("import", tmp_path / "catalogue.yaml")
     before = state()
@@ -314,3 +320,26 @@ def test_bootstrap_writes_the_settings_catalogue_once(settings):
         "providers:\n  - name: default\n    base_url: http://10.0.0.7:8000/v1\n    limit_scope: provider\n"
         "models:\n  - name: m1\n    deployments:\n      - {provider: default, model: m1}\n"
         "  - name: m2\n    deployments:\n      - {provider: default, model: m2}\n")
+
+
+def test_prices_are_added_never_changed_and_left_alone_by_prune(tmp_path):
+    catalogue("import", write(tmp_path, FULL))
+    prices = ModelPrice.objects.order_by("effective_from")
+    assert [(p.input, p.cached_input, p.output, p.reasoning) for p in prices] == [
+        (Decimal("0.25"), Decimal("0.025"), Decimal("2"), None), (Decimal("0.2"), None, Decimal("1.6"), Decimal("1.6"))]
+    assert registry.current_sync().model("gpt-5-mini").price_at(time.time()).output == Decimal("1.6")
+    # The stored price from a time may not change; a new one from a later time is added.
+    message = refused(write(tmp_path, FULL.replace("input: '0.2'", "input: '0.3'"), "changed.yaml"))
+    assert "models[0].prices[1]: the price from 2026-12-01T00:00:00Z differs from the stored one" in message
+    later = FULL.replace("reasoning: '1.6'}", "reasoning: '1.6'}\n      - {from: 2027-01-01T00:00:00Z, input: 0.1, "
+                                               "output: 0.8}")
+    out = catalogue("import", write(tmp_path, later, "later.yaml"), "--prune")
+    assert "price gpt-5-mini from 2027-01-01T00:00:00Z: created" in out and "deleted" not in out.replace("0 deleted", "")
+    # Left out of a file, with --prune: the history stays.
+    catalogue("import", write(tmp_path, FULL.replace(FULL[FULL.index("    prices:"):FULL.index("  - name: qwen3-32b")],
+                                                     ""), "none.yaml"), "--prune")
+    assert ModelPrice.objects.count() == 3
+    for problem, text in (("models[0].prices[0].input: must be a number ≥ 0", "input: '-1'"),
+                          ("models[0].prices[0].from: required", "from: 'yesterday'")):
+        broken = FULL.replace("input: '0.25'" if "input" in text else "from: '2026-01-01T00:00:00Z'", text)
+        assert problem in refused(write(tmp_path, broken, "broken.yaml"))
