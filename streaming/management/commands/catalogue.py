@@ -70,10 +70,11 @@ class Command(BaseCommand):
                 self.stdout.write(str(change))
         self.stdout.write(plan.summary() + (" (dry run: nothing written)" if dry_run else ""))
 
-    def _bootstrap(self, **_):
+    def _bootstrap(self, verbosity=1, **_):
         if not registry.bootstrap():
-            self.stdout.write("The catalogue has providers already: nothing written (the database is the one source "
-                              "of truth: edit it in the admin, or import a file).")
+            if verbosity:
+                self.stdout.write("The catalogue has providers already: nothing written (the database is the one "
+                                  "source of truth: edit it in the admin, or import a file).")
             return
         provider = bootstrap_provider()
         self.stdout.write(f"Wrote provider {provider['name']} ({provider['base_url'] or 'the built-in simulator'}) "
