@@ -244,6 +244,20 @@ QUOTA_SLOT_TTL = env_float("QUOTA_SLOT_TTL", 30.0)
 QUOTA_RATE_FAIL_OPEN = env_bool("QUOTA_RATE_FAIL_OPEN", False)
 QUOTA_CONCURRENCY_FAIL_OPEN = env_bool("QUOTA_CONCURRENCY_FAIL_OPEN", False)
 
+# Alerts (docs/operations.md, "Alerts"), sent by `manage.py deliver_alerts`. Webhooks are signed with this secret
+# (comma-separated: each one signs, so a receiver can rotate); without one, JSON webhooks wait in the outbox.
+SLUICE_WEBHOOK_SECRET = os.environ.get("SLUICE_WEBHOOK_SECRET", "")
+# E-mail through Django's mailers: SMTP when EMAIL_HOST is set, else the console (the demo); tests get locmem.
+if os.environ.get("EMAIL_HOST"):
+    MAILERS = {"default": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend", "OPTIONS": {
+        "host": os.environ["EMAIL_HOST"], "port": env_int("EMAIL_PORT", None),
+        "username": os.environ.get("EMAIL_HOST_USER", ""), "password": os.environ.get("EMAIL_HOST_PASSWORD", ""),
+        "use_tls": env_bool("EMAIL_USE_TLS", False), "use_ssl": env_bool("EMAIL_USE_SSL", False),
+        "timeout": env_float("EMAIL_TIMEOUT", 10.0)}}}
+else:
+    MAILERS = {"default": {"BACKEND": "django.core.mail.backends.console.EmailBackend"}}
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "sluice@localhost")
+
 # Bearer token for Prometheus at /metrics (staff sessions work too); empty: sessions only.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
 # OpenTelemetry traces and metrics after the GenAI semantic conventions, exported over OTLP/HTTP to where the standard

@@ -276,3 +276,159 @@ class AuditEntry(models.Model):
         else:
             action = cls.Action.PLAN_CHANGED if changed == ["plan"] else cls.Action.LIMITS_CHANGED
         return cls.entry(actor, action, after, {n: old[n] for n in changed}, {n: new[n] for n in changed})
+
+
+# Threshold alerts (docs/operations.md, "Alerts"): rules, the events they fired (once each), and the outbox of
+# deliveries that `manage.py deliver_alerts` sends.
+
+# The windows a rule can watch: "<measure>_<period>". Money windows ("money_day", "money_month") and other scopes
+# (a team, a key) plug in beside these: quotas/domain/alerts.py evaluates any measured window of any scope.
+ALERT_WINDOWS = ("tokens_day", "tokens_month")
+
+
+def default_alert_thresholds():
+    return [50, 80, 100]
+
+
+def default_alert_windows():
+    return list(ALERT_WINDOWS)
+
+
+def validate_alert_thresholds(value):
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 100 for t in value)):
+        raise ValidationError("Enter a list of percentages from 1 to 100, e.g. [50, 80, 100].",
+                              code="invalid_thresholds")
+
+
+def validate_alert_windows(value):
+    if not isinstance(value, list) or not value or not all(w in ALERT_WINDOWS for w in value):
+        raise ValidationError(f"Enter a list of windows among {list(ALERT_WINDOWS)}.", code="invalid_windows")
+
+
+def validate_email_list(value):
+    from django.core.validators import validate_email
+
+    if not isinstance(value, list) or not all(isinstance(address, str) for address in value):
+        raise ValidationError('Enter a list of e-mail addresses, e.g. ["ops@example.com"].', code="invalid_emails")
+    for address in value:
+        validate_email(address)
+
+
+class AlertRule(models.Model):
+    """Whom to tell when a scope's usage crosses a threshold of a window's limit (or, for operators, when the
+    counter store is down or a deployment's breaker opens)."""
+
+    class Kind(models.TextChoices):
+        USER = "user", "one user"
+        PLAN = "plan", "every user of a plan"
+        EVERYONE = "everyone", "every user"
+        OPERATORS = "operators", "operators (counter store down, breaker open)"
+
+    class WebhookFormat(models.TextChoices):
+        JSON = "json", "JSON (signed)"
+        SLACK = "slack", 'Slack-compatible ({"text": …})'
+
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.USER)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="alert_rules", help_text="For a rule of one user.")
+    plan = models.ForeignKey(Plan, null=True, blank=True, on_delete=models.CASCADE, related_name="alert_rules",
+                             help_text="For a rule of a plan's users.")
+    thresholds = models.JSONField(default=default_alert_thresholds, validators=[validate_alert_thresholds],
+                                  help_text="Percentages of the window's limit, e.g. [50, 80, 100]: each fires once "
+                                            "per window.")
+    windows = models.JSONField(default=default_alert_windows, validators=[validate_alert_windows],
+                               help_text=f"Which windows to watch, among {list(ALERT_WINDOWS)}.")
+    emails = models.JSONField(default=list, blank=True, validators=[validate_email_list],
+                              help_text='E-mail addresses to tell, e.g. ["ops@example.com"].')
+    webhook_url = models.URLField(max_length=500, blank=True, help_text="A URL to POST each alert to.")
+    webhook_format = models.CharField(max_length=8, choices=WebhookFormat.choices, default=WebhookFormat.JSON)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(models.Q(kind="user", user__isnull=False, plan__isnull=True)
+                           | models.Q(kind="plan", plan__isnull=False, user__isnull=True)
+                           | models.Q(kind__in=["everyone", "operators"], user__isnull=True, plan__isnull=True)),
+                name="alert_rule_scope_matches_kind"),
+        ]
+
+    def __str__(self):
+        return self.name
+
+    def clean(self):
+        super().clean()
+        if self.kind == self.Kind.USER and not self.user_id:
+            raise ValidationError({"user": "A rule of one user names the user."})
+        if self.kind == self.Kind.PLAN and not self.plan_id:
+            raise ValidationError({"plan": "A rule of a plan names the plan."})
+        if self.kind != self.Kind.USER:
+            self.user = None
+        if self.kind != self.Kind.PLAN:
+            self.plan = None
+        if not self.emails and not self.webhook_url:
+            raise ValidationError("Give at least one e-mail address or a webhook URL.")
+
+
+class AlertEvent(models.Model):
+    """A rule's threshold crossed in one window of one scope: at most one row each (the unique constraint), so an
+    alert fires once however many streams and processes cross the line at once. The next window has a new key: the
+    rule is armed again at the window's reset."""
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="events")
+    scope = models.CharField(max_length=200, help_text='Whose usage: "user:42" (an operator alert: "operator:…").')
+    window_key = models.CharField(max_length=100, help_text='Which window: "tokens_day:2026-12-05", '
+                                                            '"tokens_month:2026-12"; an operator alert\'s 10 minutes.')
+    threshold = models.PositiveSmallIntegerField(help_text="Percent of the limit (0 for an operator alert).")
+    fired_at = models.DateTimeField(default=timezone.now, db_index=True)
+    used = models.BigIntegerField(null=True, blank=True)
+    limit = models.BigIntegerField(null=True, blank=True)
+    message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-fired_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["rule", "scope", "window_key", "threshold"],
+                                               name="alert_fires_once")]
+
+    def __str__(self):
+        return f"{self.rule}: {self.scope} {self.window_key} {self.threshold} %"
+
+
+class Outbox(models.Model):
+    """One delivery of an alert (an e-mail to one address, one webhook POST), sent by `manage.py deliver_alerts`:
+    retried with backoff until sent or out of attempts. All its state is here, so a worker restart loses nothing."""
+
+    class Channel(models.TextChoices):
+        EMAIL = "email", "e-mail"
+        WEBHOOK = "webhook", "webhook (JSON, signed)"
+        SLACK = "slack", "webhook (Slack-compatible)"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        SENT = "sent", "sent"
+        FAILED = "failed", "failed"
+
+    event = models.ForeignKey(AlertEvent, null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries")
+    channel = models.CharField(max_length=8, choices=Channel.choices)
+    target = models.CharField(max_length=500, help_text="The e-mail address or the webhook URL.")
+    payload = models.JSONField(help_text="The JSON body (a webhook), or the subject and text (an e-mail).")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    last_error = models.TextField(blank=True, help_text="Why the last attempt failed (no secrets: URLs are cut to "
+                                                        "their host).")
+    created_at = models.DateTimeField(default=timezone.now)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "outbox message"
+        verbose_name_plural = "outbox"
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="outbox_due")]
+
+    def __str__(self):
+        return f"{self.get_channel_display()} #{self.pk} ({self.status})"

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from ..store import StoreUnavailable, WindowSpec, get_store
+from . import alerts
 from .admission import user_key
 from .exceptions import CounterStoreDown, QuotaExceeded
 from .policy import Limits, calendar_windows, clamp_max_tokens, exhausted_window, first_lease
@@ -86,6 +87,7 @@ class TokenLease:
                 await seed_windows(self.user_id, self.windows, self.specs, result.missing, now)
         except StoreUnavailable:
             logger.warning("counter store unavailable: token quota fails closed")
+            alerts.counter_store_down()
             raise CounterStoreDown("quota") from None
         raise CounterStoreDown("quota")
 
@@ -161,6 +163,7 @@ class TokenLease:
         for attempt in range(3):
             try:
                 await get_store().settle(self.specs, self.holder, charged)
+                await alerts.settled(self, charged)
                 return
             except StoreUnavailable:
                 await asyncio.sleep(0.05 * (attempt + 1))

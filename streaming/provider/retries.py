@@ -18,6 +18,7 @@ import time
 
 from django.conf import settings
 
+from quotas.domain import alerts
 from quotas.store.base import OUTCOME_FAILED, OUTCOME_NONE, OUTCOME_OK, OUTCOME_THROTTLED
 
 from ..telemetry import metrics
@@ -103,6 +104,9 @@ async def _with_retries(targets, request_id, fair_key, attempt, keeps_permit):
             permit = await guard.acquire(fair_key, request_id, queue_timeout, retry=attempts > 0)
         except UpstreamError as refusal:  # its breaker is open, or its queue is full
             refusal.target = target
+            if refusal.code == "upstream_unavailable" and not guard.healthy():
+                # Operators hear of it (once per 10 minutes and deployment: a dictionary look-up after the first).
+                alerts.breaker_opened(target.name)
             if last_of_round or (started is not None and time.monotonic() > started + policy.deadline_seconds):
                 raise
             metrics.UPSTREAM_FALLBACKS.labels(target.provider).inc()

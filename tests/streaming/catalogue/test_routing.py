@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from bench.servers import free_port, start_server
-from quotas.models import Usage
+from quotas.models import AlertRule, Outbox, Usage
 from streaming.catalogue.models import Deployment, Provider, ServedModel
 from tests.support.gateways import METRICS_TOKEN, eventually, gateway_server, settled_row
 
@@ -152,6 +152,7 @@ def test_a_breaker_opens_for_one_deployment_only(sims, make_user):
     served("fine", (pb, "m"))
     served("either", (pa, "m", {"priority": 1}), (pb, "m", {"priority": 2}))
     a.post("/control", json={"fail_500_rate": 1.0}).raise_for_status()
+    AlertRule.objects.create(name="on call", kind="operators", emails=["ops@example.com"])
     users = [make_user(**BUSY) for _ in range(2)]
     settings = {**FAST, "UPSTREAM_BREAKER_THRESHOLD": 3, "UPSTREAM_BREAKER_COOLDOWN": 60,
                 "UPSTREAM_BREAKER_MIN_USERS": 2, "UPSTREAM_RETRY_MAX_ATTEMPTS": 1}
@@ -173,6 +174,10 @@ def test_a_breaker_opens_for_one_deployment_only(sims, make_user):
             assert answer.http_response.status_code == 200
             assert settled_row(answer.http_response.headers["x-request-id"]).deployment == "b/m"
         assert a.get("/stats").json()["attempts"] == attempts_at_a
+        # Operators were told, once (docs/operations.md, "Alerts"), naming the deployment.
+        mails = eventually(lambda: list(Outbox.objects.filter(target="ops@example.com").values_list(
+            "payload", flat=True)), timeout=5, interval=0.05)
+        assert len(mails) == 1 and "a/m" in mails[0]["subject"], mails
 
 
 def test_a_failure_after_the_first_byte_is_not_retried_elsewhere(sims, make_user):
