@@ -27,7 +27,7 @@ from ..domain import catalogue, operations
 from ..domain.policy import LIMIT_FIELDS, Limits, calendar_windows
 from ..models import AuditEntry, Plan, UserQuota
 from ..store import StoreUnavailable
-from . import dashboard, display, keys, ledger  # noqa: F401 (keys and ledger register their pages)
+from . import alerts, dashboard, display, keys, ledger  # noqa: F401 (alerts, keys and ledger register their pages)
 from .common import AuditedAdmin, NulFree
 
 Action = AuditEntry.Action
