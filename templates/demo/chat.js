@@ -79,6 +79,21 @@
     $(`${scope}-window`).dataset.level = share >= 0.95 ? "critical" : share >= 0.8 ? "warn" : "ok";
   }
 
+  // A warning before a window runs out (80 % used or more, something left): which one, how much is left, when it
+  // resets. A spent window is the banner's (showBanner), not this note's.
+  function showNearLimit(windows) {
+    const near = [["today's", windows.day], ["this month's", windows.month]]
+      .filter(([, w]) => w.limit > 0 && w.remaining > 0 && w.used / w.limit >= 0.8)
+      .sort(([, a], [, b]) => a.remaining / a.limit - b.remaining / b.limit)[0];
+    const note = $("near-limit");
+    note.hidden = !near;
+    if (near) {
+      const [name, w] = near;
+      note.textContent = `You have used ${Math.floor((w.used / w.limit) * 100)} % of ${name} tokens: `
+        + `${tokens(w.remaining)} left. ${resetText(w)}.`;
+    }
+  }
+
   function showPlan(quota) {
     const chosen = model.value;
     model.replaceChildren(...quota.models.map((name) => new Option(name, name, false, name === chosen)));
@@ -105,6 +120,7 @@
     plan = await response.json();
     showWindow("day", plan.tokens.day);
     showWindow("month", plan.tokens.month);
+    showNearLimit(plan.tokens);
     const requests = plan.requests;
     $("requests-left").textContent = requests.remaining == null ? ""
       : `${number(requests.remaining)} of ${number(requests.limit_per_minute)} requests left this minute`;

@@ -480,3 +480,17 @@ def test_in_the_demo_style_the_simulator_writes_varied_markdown_at_a_readers_pac
     steps = settled(page)
     assert steps.locator("ol > li").count() >= 2
     assert steps.get_by_role("button", name="Continue").count() == 1
+
+
+def test_a_user_near_a_limit_is_warned_before_it_runs_out(open_page, sim, make_user):
+    sim.control(default_tokens=48)
+    account = make_user(tokens_per_day=65)
+    page = sign_in(open_page(), account.user)
+    assert page.locator("#near-limit").is_hidden()
+    send(page, "hello")  # a 48-token answer and an 8-token prompt: 86 % of 65 used, something left
+    settled(page)
+    page.locator("#near-limit").wait_for()
+    note = page.locator("#near-limit").text_content()
+    assert note.startswith("You have used ") and "% of today's tokens: " in note and " left. Resets in " in note, note
+    used = int(note.split("You have used ")[1].split(" %")[0])
+    assert 80 <= used < 100, note
