@@ -93,6 +93,9 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    allowed_models = models.JSONField(
+        null=True, blank=True, validators=[validate_model_names],
+        help_text="The models this key may use, among its user's; empty: every model the user's plan allows.")
 
     class Meta:
         verbose_name = "API key"

@@ -23,12 +23,12 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timeuntil
 
-from ..domain import catalogue, operations
+from ..domain import operations
 from ..domain.policy import LIMIT_FIELDS, Limits, calendar_windows
 from ..models import AuditEntry, Plan, UserQuota
 from ..store import StoreUnavailable
 from . import alerts, dashboard, display, keys, ledger  # noqa: F401 (alerts, keys and ledger register their pages)
-from .common import AuditedAdmin, NulFree
+from .common import AllowedModelsForm, AuditedAdmin, NulFree
 
 Action = AuditEntry.Action
 User = get_user_model()
@@ -50,36 +50,6 @@ class TimezoneSelect:
         if db_field.name == "timezone":
             kwargs["widget"] = forms.Select(choices=[(name, name) for name in sorted(zoneinfo.available_timezones())])
         return super().formfield_for_dbfield(db_field, request, **kwargs)
-
-
-class AllowedModelsForm(forms.ModelForm):
-    """allowed_models ticked among the catalogue's models (quotas/domain/catalogue.py, read when the form is built)
-    instead of typed as JSON: a typo can no longer be saved. A name stored earlier and no longer configured is offered
-    too, ticked, so that saving another field keeps it (dropping it could widen the list to every model)."""
-
-    allowed_models = forms.MultipleChoiceField(required=False, widget=forms.CheckboxSelectMultiple)
-    none_ticked = "None ticked: every configured model."
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        stored = self.initial.get("allowed_models")
-        valid = stored is None or isinstance(stored, list) and all(isinstance(name, str) for name in stored)
-        names = stored if valid and stored else []
-        field = self.fields["allowed_models"]
-        configured = catalogue.model_names()
-        field.choices = [*self.extra_choices(), *((name, name) for name in configured),
-                         *((name, f"{name} (not configured)") for name in names if name not in configured)]
-        field.help_text = self.none_ticked
-        if not valid:
-            # Saved past validation (a shell, an older admin): the plan allows nothing until a choice is saved here.
-            field.help_text += f" The stored value {stored!r:.80} is not a list of model names: no model is allowed."
-        self.initial["allowed_models"] = self.ticked(stored if valid else None)
-
-    def extra_choices(self):
-        return []
-
-    def ticked(self, stored):
-        return stored or []
 
 
 class PlanForm(AllowedModelsForm):

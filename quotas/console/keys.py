@@ -27,7 +27,7 @@ from ..domain import catalogue
 from ..domain.selectors import caller_limits
 from ..models import ApiKey, AuditEntry
 from . import display
-from .common import NulFree
+from .common import AllowedModelsForm, NulFree
 
 Action = AuditEntry.Action
 KEY_FIELDS = ("user", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at")
@@ -115,16 +115,28 @@ class KeyStatusFilter(admin.SimpleListFilter):
         return queryset
 
 
+class ApiKeyForm(AllowedModelsForm):
+    """A key's models: some of what its user's plan allows (issue 18, item 2), or (none ticked) all of it."""
+
+    none_ticked = ("None ticked: every model the user's plan allows. Ticked: only those (and only those the plan "
+                   "allows).")
+
+    class Meta:
+        model = ApiKey
+        fields = "__all__"
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(NulFree, admin.ModelAdmin):
+    form = ApiKeyForm
     list_display = ["prefix", "name", "user", "status", "created", "last_used", "expires"]
     list_filter = [KeyStatusFilter]
     list_select_related = ["user"]
     search_fields = ["prefix", "name", "user__username"]
     autocomplete_fields = ["user"]
     actions = ["revoke"]
-    add_fields = ["user", "name", "expires_at"]
-    fields = ["user", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
+    add_fields = ["user", "name", "expires_at", "allowed_models"]
+    fields = ["user", "name", "prefix", "created_at", "last_used_at", "expires_at", "allowed_models", "revoked_at"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
 
     def get_fields(self, request, obj=None):
@@ -153,12 +165,17 @@ class ApiKeyAdmin(NulFree, admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            return super().save_model(request, obj, form, change)
+            before = ApiKey.objects.get(pk=obj.pk)
+            super().save_model(request, obj, form, change)
+            if entry := AuditEntry.for_save(request.user, before, obj, ("name", "expires_at", "allowed_models")):
+                entry.save()
+            return
         obj.raw_key = obj.set_new_key()  # for response_add only; never stored
         super().save_model(request, obj, form, change)
         AuditEntry.entry(request.user, Action.KEY_CREATED, obj, new={
             "user": obj.user.get_username(), "name": obj.name, "prefix": obj.prefix,
-            "expires_at": obj.expires_at.isoformat() if obj.expires_at else None}).save()
+            "expires_at": obj.expires_at.isoformat() if obj.expires_at else None,
+            "allowed_models": obj.allowed_models or None}).save()
 
     def response_add(self, request, obj, post_url_continue=None):
         # To the one-time page by a redirect: refreshing it repeats a GET, never the POST that issued the key. The

@@ -11,8 +11,8 @@ from .exceptions import InvalidApiKey
 from .policy import Limits
 from .selectors import caller_limits
 
-COLUMNS = ("id", "user_id", "hashed_key", "expires_at", "revoked_at", "last_used_at", "user__is_active",
-           "username")
+COLUMNS = ("id", "user_id", "hashed_key", "expires_at", "revoked_at", "last_used_at", "allowed_models",
+           "user__is_active", "username")
 # The key and its user, by the hash (the unique index). Compiled once per database thread (quotas/domain/db.py): the
 # ORM's compilation of the join cost several times the query itself on every request.
 _key_row = PreparedQuery(
@@ -52,5 +52,6 @@ def authenticate(raw: str) -> KeyHolder:
     now = timezone.now()
     if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+    # A key may be narrower than its user: only some of the plan's models.
     return KeyHolder(key_id=key.pk, user_id=key.user_id, username=values["username"],
-                     limits=caller_limits(key.user_id))
+                     limits=caller_limits(key.user_id).narrowed_to(values["allowed_models"]))

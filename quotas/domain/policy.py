@@ -5,7 +5,7 @@ Tested with plain values in tests/quotas/domain/test_policy.py.
 
 import logging
 import zoneinfo
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from . import tokens
@@ -37,6 +37,15 @@ class Limits:
         values["allowed_models"] = _model_names(values["allowed_models"], plan)
         return cls(**values, suspended=bool(getattr(override, "suspended", False)),
                    timezone=getattr(override, "timezone", None) or "UTC")
+
+    def narrowed_to(self, key_models) -> "Limits":
+        """These limits for a key that may use only `key_models` (None or empty: the key adds no restriction): the
+        models both the plan and the key allow — none, if they share none."""
+        if not key_models:
+            return self
+        names = _model_names(key_models, None)
+        allowed = tuple(m for m in names if not self.allowed_models or m in self.allowed_models)
+        return replace(self, allowed_models=allowed or NO_MODEL)
 
     def allows_model(self, model, configured):
         return model in configured and (not self.allowed_models or model in self.allowed_models)

@@ -135,3 +135,33 @@ def test_a_user_quota_record_is_not_needed_for_the_snippets(admin_client, make_u
     Plan.objects.create(name="default-plan", is_default=True, allowed_models=["sim-small"])
     _, page = issue(admin_client, user)
     assert admin_client.get(page).context["snippets"].model == "sim-small"
+
+
+def test_a_key_may_use_only_some_of_its_users_models(sim, admin_client, make_user):
+    """Issue 18, item 2: a key's allowed models, among its plan's; the gateway's /v1/models and a request say so."""
+    import httpx2
+
+    from tests.quotas.console.test_admin import form_data
+
+    account = make_user(allowed_models=["sim-small", "sim-large"])
+    response = admin_client.post(reverse("admin:quotas_apikey_add"), {
+        "user": account.user.pk, "name": "narrow", "allowed_models": ["sim-large"]})
+    assert response.status_code == 302
+    key = ApiKey.objects.get(name="narrow")
+    raw = admin_client.session[keys.ISSUED][str(key.pk)]
+    assert key.allowed_models == ["sim-large"]
+    headers = {"Authorization": f"Bearer {raw}"}
+    assert [m["id"] for m in httpx2.get(sim.api_url + "/models", headers=headers).json()["data"]] == ["sim-large"]
+    refused = httpx2.post(sim.api_url + "/chat/completions", headers=headers, json={
+        "model": "sim-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+    # The user's other key is not narrowed; a key's models never widen its plan's.
+    assert [m["id"] for m in httpx2.get(sim.api_url + "/models", headers={
+        "Authorization": f"Bearer {account.key}"}).json()["data"]] == ["sim-small", "sim-large"]
+    change = reverse("admin:quotas_apikey_change", args=[key.pk])
+    admin_client.post(change, form_data(admin_client.get(change), allowed_models=["sim-large"]))
+    account.plan.allowed_models = ["sim-small"]
+    account.plan.save()
+    assert httpx2.get(sim.api_url + "/models", headers=headers).json()["data"] == []
+    entry = AuditEntry.objects.get(target_type="quotas.apikey", action=AuditEntry.Action.KEY_CREATED)
+    assert entry.new["allowed_models"] == ["sim-large"]
