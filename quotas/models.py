@@ -11,6 +11,7 @@ import zoneinfo
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -39,6 +40,12 @@ class Plan(models.Model):
     requests_per_minute = models.PositiveIntegerField(default=60)
     concurrent_streams = models.PositiveIntegerField(default=4)
     max_tokens_per_request = models.PositiveIntegerField(default=4096)
+    budget_per_day = models.DecimalField(
+        max_digits=15, decimal_places=6, null=True, blank=True, validators=[MinValueValidator(0)],
+        help_text="Money a user may spend a day, in SLUICE_CURRENCY, on priced models; empty: no budget.")
+    budget_per_month = models.DecimalField(
+        max_digits=15, decimal_places=6, null=True, blank=True, validators=[MinValueValidator(0)],
+        help_text="Money a user may spend a month, in SLUICE_CURRENCY, on priced models; empty: no budget.")
     allowed_models = models.JSONField(
         default=list, blank=True, validators=[validate_model_names],
         help_text="Model names this plan may use; empty means every configured model."
@@ -65,6 +72,10 @@ class UserQuota(models.Model):
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
     concurrent_streams = models.PositiveIntegerField(null=True, blank=True)
     max_tokens_per_request = models.PositiveIntegerField(null=True, blank=True)
+    budget_per_day = models.DecimalField(max_digits=15, decimal_places=6, null=True, blank=True,
+                                         validators=[MinValueValidator(0)], help_text="Blank: the plan's budget.")
+    budget_per_month = models.DecimalField(max_digits=15, decimal_places=6, null=True, blank=True,
+                                           validators=[MinValueValidator(0)], help_text="Blank: the plan's budget.")
     allowed_models = models.JSONField(null=True, blank=True, validators=[validate_model_names])
     suspended = models.BooleanField(default=False)
     timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone],
@@ -168,6 +179,12 @@ class Usage(models.Model):
     price = models.JSONField(null=True, blank=True,
                              help_text="The model's price per million tokens that the cost used (input, cached input, "
                                        "output, reasoning).")
+    reserved_nanos = models.BigIntegerField(
+        null=True, blank=True, help_text="While in progress, at a priced model: the most it may still cost (10⁻⁹ of the "
+                                         "currency), what a money window rebuilt from the ledger holds for it.")
+    charged_nanos = models.BigIntegerField(
+        null=True, blank=True, help_text="What counted against the user's money budgets (10⁻⁹ of the currency): its "
+                                         "cost, except what a budget no longer allowed; empty: an unpriced model.")
     charged_tokens = models.PositiveIntegerField(
         default=0, help_text="What counted against the user's windows: the tokens above, except what a provider reported "
                              "beyond what the windows still allowed (docs/quotas.md, 'What is charged').")

@@ -9,6 +9,7 @@ raises its own exceptions (quotas/domain/exceptions.py) and the provider side ra
 import json
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.http import JsonResponse
 
 from quotas.domain import exceptions as quota
@@ -78,7 +79,9 @@ def api_error(exc: Exception) -> ApiError:
         return ApiError(exc.message, status=exc.status, type="server_error" if exc.status >= 500 else "upstream_error",
                         code=exc.code, param=exc.param, retry_after_seconds=exc.retry_after_seconds)
     if isinstance(exc, quota.QuotaExceeded):
-        return ApiError(f"You exceeded your {'daily' if exc.scope == 'day' else 'monthly'} token quota. "
+        period = "daily" if exc.scope.endswith("day") else "monthly"
+        what = f"budget ({settings.SLUICE_CURRENCY})" if exc.scope.startswith("budget_") else "token quota"
+        return ApiError(f"You exceeded your {period} {what}. "
                         f"It resets at {exc.resets_at.isoformat()}.", status=429, type="insufficient_quota",
                         code=exc.code, retry_after_seconds=exc.retry_after_seconds)
     if isinstance(exc, quota.RateLimited):

@@ -199,7 +199,9 @@ def token_measures(limits, windows, remaining_by_window, returned=0):
     limit_of = {"day": limits.tokens_per_day, "month": limits.tokens_per_month}
     measures = []
     for window, remaining in zip(windows, remaining_by_window):
-        limit = limit_of.get(window.scope, window.limit)
+        if window.scope not in limit_of:
+            continue  # a money window (budget_day, budget_month): in nanos, not tokens
+        limit = limit_of[window.scope]
         if not limit:
             continue
         left = min(limit, max(0, remaining + returned))

@@ -47,7 +47,9 @@ class ConcurrencyLimited(QuotaRefusal):
 
 @dataclass(eq=False)
 class QuotaExceeded(QuotaRefusal):
-    """A token window ran out: `scope` is the one that did ("day" or "month"), with its own reset."""
+    """A window ran out: `scope` is the one that did — a token window ("day" or "month") or a money budget's
+    ("budget_day" or "budget_month") — with its own reset. The same code for all four (OpenAI's for a spent quota or
+    budget); the message names the window."""
 
     scope: str
     retry_after_seconds: float

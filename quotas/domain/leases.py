@@ -6,6 +6,7 @@ docs/quotas.md explains the arithmetic.
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -16,7 +17,9 @@ from ..store import StoreUnavailable, WindowSpec, get_store
 from . import alerts
 from .admission import user_key
 from .exceptions import CounterStoreDown, QuotaExceeded
-from .policy import Limits, calendar_windows, clamp_max_tokens, exhausted_window, first_lease
+from .money import Price
+from .policy import (Limits, budget_windows, calendar_windows, clamp_max_tokens, exhausted_window, first_lease,
+                     tokens_left, window_limit)
 from .selectors import ledger_state, limits_of
 
 logger = logging.getLogger("quotas")
@@ -29,11 +32,17 @@ LIMITS_REFRESH_SECONDS = 5.0
 
 
 def window_key(user_id, window):
-    return user_key(user_id, f"{window.scope[0]}:{window.key}")
+    # Token windows "d:…"/"m:…"; money windows "budget_day:…"/"budget_month:…" (never the same record).
+    scope = window.scope if window.is_money else window.scope[0]
+    return user_key(user_id, f"{scope}:{window.key}")
 
 
-def window_specs(user_id, limits: Limits, now_dt):
+def window_specs(user_id, limits: Limits, now_dt, price: Price | None = None):
+    """The token windows, and the money windows of the user's budgets when the request is priced (an unpriced model
+    costs nothing: no money window)."""
     windows = calendar_windows(limits, now_dt)
+    if price is not None:
+        windows = (*windows, *budget_windows(limits, now_dt))
     specs = [WindowSpec(window_key(user_id, w), w.limit, w.end.timestamp() + WINDOW_MARGIN_SECONDS)
              for w in windows]
     return windows, specs
@@ -49,20 +58,47 @@ async def seed_windows(user_id, windows, specs, missing, now):
 
 
 class TokenLease:
-    def __init__(self, user_id, limits, holder, now_dt):
+    """`price`: the request's model's (quotas.domain.money.Price), or None; with a price, the user's money budgets
+    are leased too, in nanos: prompt tokens at the input rate, completion tokens at the output rate."""
+
+    def __init__(self, user_id, limits, holder, now_dt, price: Price | None = None):
         self.user_id = user_id
         self.limits = limits
         self.holder = holder
-        self.windows, self.specs = window_specs(user_id, limits, now_dt)
+        self.price = price
+        self.windows, self.specs = window_specs(user_id, limits, now_dt, price)
         self.held = 0  # tokens leased so far: prompt + completion
+        self.held_units = [0] * len(self.specs)  # per window, in its units (tokens; nanos for money)
         self.prompt_tokens = 0
         self.max_tokens = 0  # per choice
         self.choices = 1  # n: the completion may use max_tokens for each
         self.limits_read_at = time.monotonic()
         self.settled = False
-        self.remaining = None  # in the tightest window, after the last lease
-        self.remaining_by_window = ()  # per window (day, month), after the last lease
+        self.remaining = None  # tokens (at the output rate) in the tightest window, after the last lease
+        self.remaining_by_window = ()  # per window, in tokens at the last lease's rate, after the last lease
         self.block = settings.QUOTA_LEASE_BLOCK_TOKENS
+
+    @property
+    def has_money(self) -> bool:
+        return any(w.is_money for w in self.windows)
+
+    @property
+    def held_nanos(self) -> int:
+        """The money the lease holds (the same in every money window: each grant takes the same tokens at the same
+        rate from all of them); 0 without money windows."""
+        return min((units for w, units in zip(self.windows, self.held_units) if w.is_money), default=0)
+
+    def rate(self, kind: str) -> int:
+        """Nanos per token of `kind` ("input" or "output") for the money windows: at least 1, so that the store's
+        arithmetic holds for a free kind of token (its cost is still charged exactly: `charges`)."""
+        return max(1, self.price.per_token(kind)) if self.price is not None else 1
+
+    def _rated(self, kind):
+        if not self.has_money:
+            return self.specs, [1] * len(self.specs)
+        rate = self.rate(kind)
+        rates = [rate if w.is_money else 1 for w in self.windows]
+        return [dataclasses.replace(s, rate=r) for s, r in zip(self.specs, rates)], rates
 
     @property
     def completion_leased(self):
@@ -73,16 +109,20 @@ class TokenLease:
         """The most the completion may use: max_tokens for each choice."""
         return self.max_tokens * self.choices
 
-    async def _lease(self, want):
+    async def _lease(self, want, kind="output"):
+        """Lease up to `want` more tokens in every window, at `kind`'s rate in the money windows."""
         store = get_store()
         now = time.time()
+        specs, rates = self._rated(kind)
         try:
             for _ in range(3):
-                result = await store.lease(self.specs, self.holder, self.held, want, now, settings.QUOTA_SLOT_TTL)
+                result = await store.lease(specs, self.holder, tuple(self.held_units), want, now,
+                                           settings.QUOTA_SLOT_TTL)
                 if not result.missing:
                     self.held += result.granted
-                    self.remaining_by_window = tuple(result.remaining)
-                    self.remaining = min(result.remaining) if result.remaining else 0
+                    self.held_units = [units + result.granted * r for units, r in zip(self.held_units, rates)]
+                    self.remaining_by_window = tuple(units // r for units, r in zip(result.remaining, rates))
+                    self.remaining = tokens_left(result.remaining, self._rated("output")[1])
                     return result.granted
                 await seed_windows(self.user_id, self.windows, self.specs, result.missing, now)
         except StoreUnavailable:
@@ -98,13 +138,21 @@ class TokenLease:
 
     async def admit(self, prompt_tokens, requested_max, stream: bool, choices: int = 1):
         """Reserve the prompt (once) and the first block, or for a non-streaming request `choices` (n) times the
-        whole budget; clamp max_tokens (per choice). Raises QuotaExceeded."""
+        whole budget; clamp max_tokens (per choice). Raises QuotaExceeded.
+
+        With money windows, two leases: the prompt at the input rate, then the completion's first block (or whole
+        budget) at the output rate."""
         self.prompt_tokens = prompt_tokens
         self.choices = choices
         plan_max = self.limits.max_tokens_per_request
         wanted_completion = min(requested_max or plan_max, plan_max) * choices
         block = settings.QUOTA_LEASE_BLOCK_TOKENS if stream else wanted_completion
-        granted = await self._lease(first_lease(prompt_tokens, wanted_completion, block))
+        if self.has_money:
+            granted = await self._lease(prompt_tokens, "input")
+            if granted >= prompt_tokens:
+                granted += await self._lease(min(block, wanted_completion), "output")
+        else:
+            granted = await self._lease(first_lease(prompt_tokens, wanted_completion, block))
         # What the completion may use: its first block plus whatever is left in every window.
         available = granted - prompt_tokens + (self.remaining if stream else 0)
         self.max_tokens = clamp_max_tokens(requested_max, plan_max, max(0, available), choices)
@@ -113,6 +161,21 @@ class TokenLease:
             await self.release()
             raise refusal
         return self.max_tokens
+
+    def reserved_nanos(self, prompt_tokens, completion_budget) -> int | None:
+        """What a request of a priced model may cost at most: its ledger row's reservation in money."""
+        if self.price is None:
+            return None
+        return prompt_tokens * self.rate("input") + completion_budget * self.rate("output")
+
+    def charges(self, tokens, cost_nanos):
+        """What settlement charges each window (in its units): `tokens` in the token windows; in the money windows
+        the cost, but never more than the lease holds there (never past a budget). Also the money charged (None
+        without money windows: the cost itself, uncapped)."""
+        if not self.has_money:
+            return tokens, cost_nanos
+        nanos = min(cost_nanos or 0, self.held_nanos)
+        return [nanos if w.is_money else tokens for w in self.windows], nanos
 
     async def need(self, tokens) -> bool:
         """Make sure `tokens` more completion tokens are covered; False when the quota is spent (`exhausted()`
@@ -127,7 +190,7 @@ class TokenLease:
         granted = await self._lease(want)
         return granted >= tokens
 
-    async def top_up(self, tokens) -> int:
+    async def top_up(self, tokens, kind="output") -> int:
         """Lease up to `tokens` more, as far as every window allows (no more than what is left); returns how many.
 
         For a charge the stream could not meter as it went (usage a provider reports beyond what it streamed): it can
@@ -135,7 +198,7 @@ class TokenLease:
         """
         if tokens <= 0:
             return 0
-        return await self._lease(tokens)
+        return await self._lease(tokens, kind)
 
     async def _refresh_limits(self):
         self.limits_read_at = time.monotonic()
@@ -143,8 +206,7 @@ class TokenLease:
         if limits != self.limits:
             self.limits = limits
             # Same windows (keys), new limits; a suspension stops the stream at its next lease.
-            new_limits = (0, 0) if limits.suspended else (limits.tokens_per_day, limits.tokens_per_month)
-            self.specs = [WindowSpec(s.key, limit, s.expire_at) for s, limit in zip(self.specs, new_limits)]
+            self.specs = [dataclasses.replace(s, limit=window_limit(w, limits)) for w, s in zip(self.windows, self.specs)]
 
     async def renew(self, slot_key):
         try:
@@ -155,14 +217,15 @@ class TokenLease:
     async def release(self):
         await self.settle(0)
 
-    async def settle(self, charged):
-        """Charge `charged` tokens and return the rest of the lease. Idempotent."""
+    async def settle(self, charged, cost_nanos=None):
+        """Charge `charged` tokens (and in the money windows `cost_nanos`, as far as the lease holds: `charges`) and
+        return the rest of the lease. Idempotent."""
         if self.settled:
             return
         self.settled = True
         for attempt in range(3):
             try:
-                await get_store().settle(self.specs, self.holder, charged)
+                await get_store().settle(self.specs, self.holder, self.charges(charged, cost_nanos)[0])
                 await alerts.settled(self, charged)
                 return
             except StoreUnavailable:

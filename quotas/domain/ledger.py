@@ -14,12 +14,17 @@ from .db import database
 from .policy import Limits, calendar_windows
 
 
-def ledger_row(*, request_id, user_id, api_key_id, model, stream, reserved_tokens, windows) -> Usage:
-    """A request's ledger row, not yet saved (`open_ledger` inserts it, or `close_ledger` with its ending)."""
-    day, month = windows
+def ledger_row(*, request_id, user_id, api_key_id, model, stream, reserved_tokens, windows, reserved_nanos=None,
+               price=None) -> Usage:
+    """A request's ledger row, not yet saved (`open_ledger` inserts it, or `close_ledger` with its ending).
+
+    `windows`: the lease's, token windows first (day, month). At a priced model the row holds its price and its
+    reservation in money from admission on, so that a money window rebuilt from the ledger counts it."""
+    day, month = windows[:2]
     return Usage(
         request_id=request_id, user_id=user_id, api_key_id=api_key_id, model=model, stream=stream,
-        reserved_tokens=reserved_tokens, day=day.start.date(), month=month.key,
+        reserved_tokens=reserved_tokens, reserved_nanos=reserved_nanos,
+        price=price.as_record() if price is not None else None, day=day.start.date(), month=month.key,
     )
 
 
@@ -56,10 +61,12 @@ def claim_abandoned(silent_since, limit=200) -> list[Usage]:
             won = Usage.objects.filter(pk=row.pk, status=Usage.Status.STREAMING,
                                        heartbeat_at=row.heartbeat_at).update(
                 status=Usage.Status.WORKER_LOST, reason="worker_lost", ended_at=now, reserved_tokens=0,
-                charged_tokens=0, duration_ms=int((now - row.started_at).total_seconds() * 1000))
+                charged_tokens=0, reserved_nanos=None if row.reserved_nanos is None else 0,
+                charged_nanos=None if row.price is None else 0, duration_ms=int((now - row.started_at).total_seconds() * 1000))
             if not won:
                 continue
             row.status, row.charged_tokens = Usage.Status.WORKER_LOST, 0
+            row.reserved_nanos = None if row.reserved_nanos is None else 0
             row.owed_tokens = row.prompt_tokens + row.completion_tokens
             _roll_up(row)
         claimed.append(row)
@@ -67,9 +74,13 @@ def claim_abandoned(silent_since, limit=200) -> list[Usage]:
 
 
 @database
-def set_charged(row_id, charged_tokens: int):
-    """What a claimed row's windows were charged (recovery.settle_abandoned)."""
-    Usage.objects.filter(pk=row_id).update(charged_tokens=charged_tokens)
+def set_charged(row_id, charged_tokens: int, cost_nanos=None, charged_nanos=None):
+    """What a claimed row's windows were charged (recovery.settle_abandoned), and at a priced model its cost and what
+    its money windows were charged."""
+    fields = {"charged_tokens": charged_tokens}
+    if cost_nanos is not None:
+        fields.update(cost_nanos=cost_nanos, charged_nanos=charged_nanos)
+    Usage.objects.filter(pk=row_id).update(**fields)
 
 
 @database
@@ -82,6 +93,8 @@ def close_ledger(row: Usage, **fields) -> bool:
     """
     fields.setdefault("ended_at", timezone.now())
     fields["reserved_tokens"] = 0
+    if row.reserved_nanos is not None:
+        fields["reserved_nanos"] = 0
     for name, value in fields.items():
         setattr(row, name, value)
     if row.started_at and row.ended_at:

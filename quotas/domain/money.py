@@ -53,5 +53,21 @@ def cost_nanos(price: Price | None, prompt_tokens: int, completion_tokens: int, 
             + (completion_tokens - reasoning) * price.per_token("output") + reasoning * price.per_token("reasoning"))
 
 
+def as_nanos(amount) -> int | None:
+    """An amount of the currency (a Decimal field's value) in nanos, rounded down (a budget is never widened)."""
+    if amount is None:
+        return None
+    return math.floor(Decimal(amount) * NANOS)
+
+
+def price_from_record(record) -> Price | None:
+    """The Price a ledger row's `price` (Price.as_record) describes; None for an unpriced row."""
+    if not record:
+        return None
+    optional = {name: None if record.get(name) is None else Decimal(record[name]) for name in ("cached_input",
+                                                                                                 "reasoning")}
+    return Price(input=Decimal(record["input"]), output=Decimal(record["output"]), id=record.get("id"), **optional)
+
+
 def as_currency(nanos: int | None) -> Decimal | None:
     return None if nanos is None else Decimal(nanos) / NANOS

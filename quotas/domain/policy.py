@@ -9,11 +9,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from . import tokens
+from .money import as_nanos
 
 logger = logging.getLogger("quotas")
 
 LIMIT_FIELDS = ("tokens_per_day", "tokens_per_month", "requests_per_minute", "concurrent_streams",
-                "max_tokens_per_request", "allowed_models")
+                "max_tokens_per_request", "allowed_models", "budget_per_day", "budget_per_month")
+BUDGET_FIELDS = ("budget_per_day", "budget_per_month")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class Limits:
     allowed_models: tuple  # empty: every configured model
     suspended: bool = False
     timezone: str = "UTC"
+    # Money budgets in NANOS of SLUICE_CURRENCY (quotas/domain/money.py); None: no budget.
+    budget_per_day: int | None = None
+    budget_per_month: int | None = None
 
     @classmethod
     def combine(cls, plan, override=None):
@@ -33,8 +38,10 @@ class Limits:
         values = {}
         for name in LIMIT_FIELDS:
             value = getattr(override, name, None) if override is not None else None
-            values[name] = value if value is not None else getattr(plan, name)
+            values[name] = value if value is not None else getattr(plan, name, None)
         values["allowed_models"] = _model_names(values["allowed_models"], plan)
+        for name in BUDGET_FIELDS:
+            values[name] = as_nanos(values[name])
         return cls(**values, suspended=bool(getattr(override, "suspended", False)),
                    timezone=getattr(override, "timezone", None) or "UTC")
 
@@ -75,11 +82,20 @@ def _model_names(value, plan) -> tuple:
 class Window:
     """One calendar window: `key` names it in the counter store; [start, end) in the user's zone."""
 
-    scope: str  # "day" or "month"
+    scope: str  # "day" or "month" (tokens), "budget_day" or "budget_month" (money, in nanos)
     key: str
     start: datetime
     end: datetime
     limit: int
+
+    @property
+    def is_money(self) -> bool:
+        return self.scope.startswith("budget_")
+
+    @property
+    def period(self) -> str:
+        """"day" or "month"."""
+        return self.scope.removeprefix("budget_")
 
     def seconds_left(self, now: datetime) -> float:
         return max(0.0, (self.end - now).total_seconds())
@@ -98,6 +114,34 @@ def calendar_windows(limits: Limits, now: datetime):
         Window("day", local.strftime("%Y-%m-%d"), day_start, day_end, limits.tokens_per_day),
         Window("month", local.strftime("%Y-%m"), month_start, month_end, limits.tokens_per_month),
     )
+
+
+def budget_windows(limits: Limits, now: datetime):
+    """The money windows of the budgets the user has (none, day, month or both), over the same calendar periods as
+    the token windows; limits in nanos."""
+    day, month = calendar_windows(limits, now)
+    return tuple(Window(f"budget_{w.scope}", w.key, w.start, w.end, budget)
+                 for w, budget in ((day, limits.budget_per_day), (month, limits.budget_per_month))
+                 if budget is not None)
+
+
+def window_limit(window: Window, limits: Limits) -> int:
+    """A window's limit under `limits` (a refreshed plan): 0 while suspended; a budget that was removed since the
+    stream began no longer limits it (NO_BUDGET)."""
+    if limits.suspended:
+        return 0
+    value = getattr(limits, {"day": "tokens_per_day", "month": "tokens_per_month", "budget_day": "budget_per_day",
+                             "budget_month": "budget_per_month"}[window.scope])
+    return NO_BUDGET if value is None else value
+
+
+# A money window's limit when its budget is removed mid-stream: 10⁶ currency units, far below 2⁵³ nanos.
+NO_BUDGET = 10**15
+
+
+def tokens_left(remaining_units, rates) -> int:
+    """What is left, in tokens: each window's units divided by its rate (1 for tokens), the tightest window's."""
+    return min(units // max(1, rate) for units, rate in zip(remaining_units, rates)) if remaining_units else 0
 
 
 # OpenAI's chat format (the cookbook's num_tokens_from_messages, gpt-4o and later): each message costs 3 tokens of

@@ -20,6 +20,7 @@ from django.utils import timezone
 from . import ledger
 from .exceptions import CounterStoreDown
 from .leases import TokenLease
+from .money import cost_nanos, price_from_record
 from .selectors import limits_of
 
 logger = logging.getLogger("quotas")
@@ -30,8 +31,8 @@ async def settle_abandoned() -> int:
     silent_since = timezone.now() - timedelta(seconds=settings.QUOTA_SLOT_TTL)
     rows = await ledger.claim_abandoned(silent_since)
     for row in rows:
-        charged = await _charge_windows(row)
-        await ledger.set_charged(row.pk, charged)
+        charged, cost, charged_nanos = await _charge_windows(row)
+        await ledger.set_charged(row.pk, charged, cost, charged_nanos)
         logger.warning("settled %s of a lost process: %d of %d tokens charged", row.request_id, charged,
                        row.owed_tokens)
     return len(rows)
@@ -42,16 +43,23 @@ async def _charge_windows(row) -> int:
     expired before its row was claimed, and other requests may have leased that room meanwhile — a window is never
     taken past its limit, even then (what is not charged stays in the ledger's token counts). A lease of the owed
     tokens under the user's limits, then settled: the store's two atomic operations; a missing window is rebuilt
-    from the ledger first, where the claimed row counts nothing yet."""
-    lease = TokenLease(row.user_id, await limits_of(row.user_id), row.request_id, row.started_at)
+    from the ledger first, where the claimed row counts nothing yet.
+
+    At a priced model (the row keeps its price from admission) the money windows too: the owed tokens leased at the
+    output rate, charged the row's cost as far as that lease covers it. Returns (tokens charged, cost, nanos
+    charged)."""
+    price = price_from_record(row.price)
+    lease = TokenLease(row.user_id, await limits_of(row.user_id), row.request_id, row.started_at, price)
+    cost = cost_nanos(price, row.prompt_tokens, row.completion_tokens)
     try:
         granted = await lease.top_up(row.owed_tokens)
     except CounterStoreDown:
         # Not charged, never over: the ledger keeps what it owed (its token counts), the windows do not count it.
         logger.error("could not charge %s's windows for %s: the counter store is down", row.user_id, row.request_id)
-        return 0
-    await lease.settle(granted)
-    return granted
+        return 0, cost, None if cost is None else 0
+    charged_nanos = lease.charges(granted, cost)[1]
+    await lease.settle(granted, cost)
+    return granted, cost, charged_nanos
 
 
 class Reaper:

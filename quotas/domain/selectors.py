@@ -54,15 +54,20 @@ limits_of = database(caller_limits)
 
 @database
 def ledger_state(user_id, window, now_dt):
-    """(used, {request_id: reserved}) of one window, from the ledger: what a missing counter record holds."""
+    """(used, {request_id: reserved}) of one window, from the ledger: what a missing counter record holds.
+
+    A money window (a budget's) in nanos: the settled rows' `charged_nanos`, the running rows' `reserved_nanos`
+    (unpriced rows have neither: they count nothing)."""
+    charged, reserved = ("charged_nanos", "reserved_nanos") if window.is_money else ("charged_tokens",
+                                                                                    "reserved_tokens")
     rows = Usage.objects.filter(user_id=user_id, counted=True)
-    rows = rows.filter(day=window.start.date()) if window.scope == "day" else rows.filter(month=window.key)
+    rows = rows.filter(day=window.start.date()) if window.period == "day" else rows.filter(month=window.key)
     # A settled row counts what it was charged (a provider may report more than the windows allowed: the ledger keeps
     # the report, the windows the charge).
-    finished = rows.exclude(status=Usage.Status.STREAMING).aggregate(tokens=Sum("charged_tokens", default=0))
+    finished = rows.exclude(status=Usage.Status.STREAMING).aggregate(tokens=Sum(charged, default=0))
     # Requests still running hold their reservation. A row whose process has been silent for longer than a lease
     # lives holds nothing here: another process settles it and charges it then (ledger.claim_abandoned).
     alive_since = now_dt - timedelta(seconds=settings.QUOTA_SLOT_TTL)
     running = rows.filter(status=Usage.Status.STREAMING, heartbeat_at__gte=alive_since)
-    leases = dict(running.values_list("request_id", "reserved_tokens"))
+    leases = {request_id: amount or 0 for request_id, amount in running.values_list("request_id", reserved)}
     return finished["tokens"], leases

@@ -72,7 +72,8 @@ class Completion:
         self.served_by = None  # the target that answered (streaming/provider/targets.py)
         self.request_id = caller.request_id
         self.started = time.monotonic()
-        self.lease = TokenLease(caller.user_id, caller.limits, self.request_id, timezone.now())
+        # With the model's price, the user's money budgets are leased too (docs/quotas.md, "Money").
+        self.lease = TokenLease(caller.user_id, caller.limits, self.request_id, timezone.now(), self.route.price)
         self.slot_key = None
         self.row = None  # the ledger row, inserted at admission (or, for a refusal before that, at settlement)
         self.relay = None
@@ -123,10 +124,12 @@ class Completion:
         caller, chat, limits = self.caller, self.chat, self.caller.limits
         prompt_tokens = await self._count_prompt()
         plan_max = limits.max_tokens_per_request
+        completion_budget = self._completion_budget(plan_max)
         self.row = ledger.ledger_row(
             request_id=self.request_id, user_id=caller.user_id, api_key_id=caller.api_key_id,
             model=self.route.name or chat.model,
-            stream=chat.stream, reserved_tokens=prompt_tokens + self._completion_budget(plan_max),
+            stream=chat.stream, reserved_tokens=prompt_tokens + completion_budget,
+            reserved_nanos=self.lease.reserved_nanos(prompt_tokens, completion_budget), price=self.route.price,
             windows=self.lease.windows)
         self.row.prompt_tokens = prompt_tokens
         metrics.SETTLING.inc()
@@ -196,13 +199,15 @@ class Completion:
             prompt_tokens = lease.prompt_tokens if charge_prompt else 0
             completion_tokens = figures.completion_tokens if figures else 0
         charged = await self._chargeable(prompt_tokens + completion_tokens)
+        cost = None
         fields = {"status": status, "reason": reason, "prompt_tokens": prompt_tokens,
                   "completion_tokens": completion_tokens, "usage_reported": reported, "charged_tokens": charged,
                   "deployment": self.served_by.name if self.served_by else "", **details}
         if (price := self.route.price) is not None:
-            fields["cost_nanos"] = cost_nanos(price, prompt_tokens, completion_tokens, details.get("cached_tokens"),
-                                              details.get("reasoning_tokens"))
-            fields["price"] = price.as_record()
+            cost = cost_nanos(price, prompt_tokens, completion_tokens, details.get("cached_tokens"),
+                              details.get("reasoning_tokens"))
+            # The money windows are charged the cost as far as the lease holds it: never past a budget.
+            fields.update(cost_nanos=cost, price=price.as_record(), charged_nanos=lease.charges(charged, cost)[1])
         ttft = None
         if figures is not None:
             if figures.first_token_at:
@@ -219,7 +224,7 @@ class Completion:
             settled_here = await ledger.close_ledger(self.row, **fields)
         finally:
             # If another process settled the row meanwhile (it took this one for dead), it charged the windows.
-            await lease.settle(charged if settled_here else 0)
+            await lease.settle(charged if settled_here else 0, cost if settled_here else 0)
             await admission.release_slot(self.slot_key, self.request_id)
             metrics.SETTLING.dec()
         if status != Usage.Status.REJECTED:

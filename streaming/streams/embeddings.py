@@ -24,7 +24,7 @@ class Embeddings(Completion):
         """Lease the input's tokens, all of them or none."""
         lease = self.lease
         lease.prompt_tokens = prompt_tokens
-        if prompt_tokens and await lease.top_up(prompt_tokens) < prompt_tokens:
+        if prompt_tokens and await lease.top_up(prompt_tokens, "input") < prompt_tokens:
             refusal = lease.exhausted()
             await lease.release()
             raise refusal
