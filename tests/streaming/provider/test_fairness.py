@@ -80,7 +80,7 @@ def test_one_users_never_read_streams_do_not_starve_another_user(make_user, upst
     upstream.post("/flood/control", json={"token_padding": 200, "default_tokens": 100_000}).raise_for_status()
     # Four permits; a stream stalled for 1 s may be preempted; the stall cut-off (which would free the permits
     # after 30 s by default) is out of the way.
-    settings = {"UPSTREAM_CONCURRENCY_MAX": 4, "UPSTREAM_QUEUE_TIMEOUT": 10, "UPSTREAM_PREEMPT_AFTER": 1,
+    settings = {"UPSTREAM_CONCURRENCY_MAX": 4, "UPSTREAM_QUEUE_TIMEOUT": 30, "UPSTREAM_PREEMPT_AFTER": 1,
                 "STREAM_STALL_TIMEOUT": 300, "UPSTREAM_BREAKER_THRESHOLD": 0}
     with gateway_for(upstream, **settings) as gateway:
         sockets = [never_read(gateway, greedy.key) for _ in range(12)]
@@ -92,15 +92,16 @@ def test_one_users_never_read_streams_do_not_starve_another_user(make_user, upst
             # The modest user asks for two streams at once: its fair share is 2 of the 4 permits, so two of the greedy
             # user's stalled streams give theirs up (each once it has stalled for 1 s), well within the queue timeout
             # (10 s), after which the modest user would get 429 upstream_saturated.
-            # Its streams last ~1 s (20 tokens at 20 tokens/s) so that both hold a permit at once.
+            # Its streams last ~3 s (60 tokens at 20 tokens/s) so that both hold a permit at once, however slowly a
+            # loaded machine gets to the second preemption.
             upstream.post("/control", json={"tokens_per_second": 20}).raise_for_status()
             started = time.monotonic()
             with ThreadPoolExecutor(2) as pool:
-                responses = list(pool.map(lambda _: chat(gateway, modest.key, max_tokens=20), range(2)))
+                responses = list(pool.map(lambda _: chat(gateway, modest.key, max_tokens=60), range(2)))
             for response in responses:
                 assert response.status_code == 200, response.text
                 assert response.text.rstrip().endswith("data: [DONE]")
-            assert time.monotonic() - started < 6
+            assert time.monotonic() - started < 15  # well within the queue timeout (30 s)
             upstream.post("/control", json={"tokens_per_second": 0}).raise_for_status()
             for _ in range(3):
                 started = time.monotonic()
@@ -110,16 +111,16 @@ def test_one_users_never_read_streams_do_not_starve_another_user(make_user, upst
             # The gateway closed the preempted streams' provider requests (the provider learns of it when the
             # connection closes: poll, do not race it); the others still stream.
             eventually(lambda: sum(r["disconnected"] for r in flood_requests(upstream)) >= 2, timeout=10, interval=0.1)
-            requests = flood_requests(upstream)
-            preempted = {r["client_request_id"] for r in requests if r["disconnected"]}
-            assert sum(r["blocked_now"] for r in requests) >= 2
+            preempted = {r["client_request_id"] for r in flood_requests(upstream) if r["disconnected"]}
+            # (streams that got the permits back stream again until their writes block: poll)
+            eventually(lambda: sum(r["blocked_now"] for r in flood_requests(upstream)) >= 2, timeout=10, interval=0.1)
             # A preempted stream's client that reads again gets what was read, then the error event that says why.
             answered, _, _ = select.select(sockets, [], [], 0)  # the streams whose head came (the rest still wait)
             ended = 0
             for sock in answered:
                 head, body = read_head(sock)
                 request_id = re.search(rb"(?i)x-request-id: *(\S+)", head).group(1).decode()
-                if request_id in preempted:  # (a stream still queued after 10 s was answered 429: not ours here)
+                if request_id in preempted:  # (a stream still queued after 30 s was answered 429: not ours here)
                     assert head.startswith(b"HTTP/1.1 200"), head
                     body = read_to_end(sock, body)
                     assert b'"code": "upstream_preempted"' in body and b'"content":' in body
@@ -137,7 +138,7 @@ def test_one_users_never_read_streams_do_not_starve_another_user(make_user, upst
 def test_stalled_streams_in_one_process_yield_to_a_user_waiting_in_another(make_user, upstream, redis_url):
     greedy, modest = make_user(**BUSY_USER), make_user()
     upstream.post("/flood/control", json={"token_padding": 200, "default_tokens": 100_000}).raise_for_status()
-    settings = {"REDIS_URL": redis_url, "UPSTREAM_CONCURRENCY_MAX": 4, "UPSTREAM_QUEUE_TIMEOUT": 10,
+    settings = {"REDIS_URL": redis_url, "UPSTREAM_CONCURRENCY_MAX": 4, "UPSTREAM_QUEUE_TIMEOUT": 30,
                 "UPSTREAM_PREEMPT_AFTER": 1, "STREAM_STALL_TIMEOUT": 300, "UPSTREAM_BREAKER_THRESHOLD": 0}
     with gateway_for(upstream, **settings) as one, gateway_for(upstream, **settings) as two:
         sockets = [never_read(one, greedy.key) for _ in range(6)]
@@ -145,14 +146,14 @@ def test_stalled_streams_in_one_process_yield_to_a_user_waiting_in_another(make_
             eventually(lambda: sum(r["blocked_now"] for r in flood_requests(upstream)) == 4, timeout=30,
                        interval=0.1)
             # The modest user's requests wait in the other process; the store tells the first that they wait. Two at
-            # once, each ~1 s long (20 tokens at 20 tokens/s): its fair share, 2 of 4, so two streams give way.
+            # once, each ~3 s long (60 tokens at 20 tokens/s): its fair share, 2 of 4, so two streams give way.
             upstream.post("/control", json={"tokens_per_second": 20}).raise_for_status()
             started = time.monotonic()
             with ThreadPoolExecutor(2) as pool:
-                responses = list(pool.map(lambda _: chat(two, modest.key, max_tokens=20), range(2)))
+                responses = list(pool.map(lambda _: chat(two, modest.key, max_tokens=60), range(2)))
             for response in responses:
                 assert response.status_code == 200, response.text
-            assert time.monotonic() - started < 6
+            assert time.monotonic() - started < 15  # well within the queue timeout (30 s)
             # The provider learns of each preempted stream when its connection closes: poll, do not race it.
             eventually(lambda: sum(r["disconnected"] for r in flood_requests(upstream)) >= 2, timeout=10, interval=0.1)
         finally:
