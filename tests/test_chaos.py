@@ -7,8 +7,8 @@ books hold: one ledger row per admitted request and none left open, 0 overshoot,
 per stream, no leaked slot, flat RSS (docs/quotas.md; bench/README.md, "chaos").
 
 It runs in a process of its own (`python -m bench.bench_chaos`): Django is set up there on the soak's database.
-SLUICE_CHAOS_MINUTES sets the minutes of load: 1.5 by default (one cycle of the three faults, compressed; the whole
-test takes about 2.5 minutes, within CI's 20-minute budget), 3 for `python -m bench chaos`, 30 for the soak of
+SLUICE_CHAOS_MINUTES sets the minutes of load: 1 by default (one cycle of the three faults, compressed; the whole
+test takes about 2 minutes, within CI's 20-minute budget), 3 for `python -m bench chaos`, 30 for the soak of
 docs/resilience.md.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MINUTES = float(os.environ.get("SLUICE_CHAOS_MINUTES", "1.5"))
+MINUTES = float(os.environ.get("SLUICE_CHAOS_MINUTES", "1"))
 
 
 def _needs(what_is_missing):
