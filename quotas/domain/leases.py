@@ -20,7 +20,7 @@ from .exceptions import CounterStoreDown, QuotaExceeded
 from .money import Price
 from .policy import (Limits, budget_windows, calendar_windows, clamp_max_tokens, exhausted_window, first_lease,
                      tokens_left, window_limit)
-from .selectors import ledger_state, limits_of
+from .selectors import ledger_states, limits_of
 
 logger = logging.getLogger("quotas")
 
@@ -49,12 +49,14 @@ def window_specs(user_id, limits: Limits, now_dt, price: Price | None = None):
 
 
 async def seed_windows(user_id, windows, specs, missing, now):
-    now_dt = timezone.now()
-    for window, spec in zip(windows, specs):
-        if spec.key in missing:
-            used, leases = await ledger_state(user_id, window, now_dt)
-            logger.info("rebuilt quota window %s from the ledger: %d used, %d running", spec.key, used, len(leases))
-            await get_store().seed(spec, used, leases, now, settings.QUOTA_SLOT_TTL)
+    """Rebuild the missing windows from one snapshot of the ledger (selectors.ledger_states)."""
+    rebuilt = [(window, spec) for window, spec in zip(windows, specs) if spec.key in missing]
+    if not rebuilt:
+        return
+    states = await ledger_states(user_id, [window for window, _ in rebuilt], timezone.now())
+    for (window, spec), (used, leases) in zip(rebuilt, states):
+        logger.info("rebuilt quota window %s from the ledger: %d used, %d running", spec.key, used, len(leases))
+        await get_store().seed(spec, used, leases, now, settings.QUOTA_SLOT_TTL)
 
 
 class TokenLease:
