@@ -88,6 +88,50 @@ class UserQuota(models.Model):
         return f"{self.user} on {self.plan}"
 
 
+def _budget_field(help_text):
+    return models.DecimalField(max_digits=15, decimal_places=6, null=True, blank=True,
+                               validators=[MinValueValidator(0)], help_text=help_text)
+
+
+class Team(models.Model):
+    """A pool of tokens and money shared by its members (docs/quotas.md, "Teams and keys"): a key that names the team
+    spends from its pool, from the member's cap in it, and from the user's own limits, all at once."""
+
+    name = models.CharField(max_length=100, unique=True)
+    tokens_per_day = models.PositiveBigIntegerField(null=True, blank=True, help_text="Empty: no token pool a day.")
+    tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True, help_text="Empty: no token pool a month.")
+    budget_per_day = _budget_field("Money the team may spend a day, in SLUICE_CURRENCY; empty: no daily budget.")
+    budget_per_month = _budget_field("Money the team may spend a month, in SLUICE_CURRENCY; empty: no monthly budget.")
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone],
+                                help_text="The team's daily and monthly windows start at midnight here.")
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="TeamMembership", related_name="teams")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class TeamMembership(models.Model):
+    """A user in a team, with optional caps on what they may spend of its pool."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="team_memberships")
+    budget_per_day = _budget_field("The most this member may spend of the team's pool a day; empty: no cap.")
+    budget_per_month = _budget_field("The most this member may spend of the team's pool a month; empty: no cap.")
+    joined_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "team member"
+        ordering = ["team", "user"]
+        constraints = [models.UniqueConstraint(fields=["team", "user"], name="one_membership_per_team")]
+
+    def __str__(self):
+        return f"{self.user} in {self.team}"
+
+
 def hash_key(raw: str) -> str:
     # Keys are 256-bit random strings, so a plain SHA-256 is enough (no need for a slow KDF).
     return hashlib.sha256(raw.encode()).hexdigest()
@@ -107,9 +151,20 @@ class ApiKey(models.Model):
     allowed_models = models.JSONField(
         null=True, blank=True, validators=[validate_model_names],
         help_text="The models this key may use, among its user's; empty: every model the user's plan allows.")
+    team = models.ForeignKey(
+        Team, null=True, blank=True, on_delete=models.PROTECT, related_name="api_keys",
+        help_text="The team whose pool this key spends from (its user must be a member); empty: a personal key.")
+    budget_per_day = _budget_field("The most this key may spend a day (in its user's time zone); empty: no limit.")
+    budget_per_month = _budget_field("The most this key may spend a month (in its user's time zone); empty: no limit.")
 
     class Meta:
         verbose_name = "API key"
+
+    def clean(self):
+        super().clean()
+        if self.team_id and self.user_id and not TeamMembership.objects.filter(team_id=self.team_id,
+                                                                                user_id=self.user_id).exists():
+            raise ValidationError({"team": "The key's user is not a member of this team."})
 
     def __str__(self):
         return f"{self.prefix}… ({self.name or 'unnamed'})"
@@ -155,6 +210,8 @@ class Usage(models.Model):
     request_id = models.CharField(max_length=64, unique=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage",
+                             help_text="The team whose pool it spent from (its key's), if any.")
     model = models.CharField(max_length=100)
     deployment = models.CharField(max_length=300, blank=True,
                                   help_text="The deployment that served it (provider/provider's model name).")
@@ -173,6 +230,9 @@ class Usage(models.Model):
                                                 help_text="Of the prompt tokens, those the provider read from its cache.")
     reasoning_tokens = models.PositiveIntegerField(null=True, blank=True,
                                                    help_text="Of the completion tokens, those spent on reasoning.")
+    cache_write_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Of the prompt tokens, those the provider wrote to its cache (billed at the "
+                                         "cache-write price where the model has one).")
     cost_nanos = models.BigIntegerField(
         null=True, blank=True,
         help_text="What it cost, in 10⁻⁹ of the currency (SLUICE_CURRENCY), at `price`; empty: the model has no price.")
@@ -209,6 +269,8 @@ class Usage(models.Model):
             models.Index(fields=["user", "month"]),
             models.Index(fields=["-started_at"]),
             models.Index(fields=["status", "started_at"]),
+            models.Index(fields=["team", "started_at"]),
+            models.Index(fields=["api_key", "started_at"]),
         ]
 
     def __str__(self):
@@ -301,9 +363,9 @@ class AuditEntry(models.Model):
 # Threshold alerts (docs/operations.md, "Alerts"): rules, the events they fired (once each), and the outbox of
 # deliveries that `manage.py deliver_alerts` sends.
 
-# The windows a rule can watch: "<measure>_<period>". Money windows ("money_day", "money_month") and other scopes
-# (a team, a key) plug in beside these: quotas/domain/alerts.py evaluates any measured window of any scope.
-ALERT_WINDOWS = ("tokens_day", "tokens_month")
+# The windows a rule can watch: "<measure>_<period>", tokens or money (a budget's); quotas/domain/alerts.py evaluates
+# any measured window of any scope (a user, a team, a key).
+ALERT_WINDOWS = ("tokens_day", "tokens_month", "money_day", "money_month")
 
 
 def default_alert_thresholds():
@@ -341,6 +403,7 @@ class AlertRule(models.Model):
 
     class Kind(models.TextChoices):
         USER = "user", "one user"
+        TEAM = "team", "one team's pool"
         PLAN = "plan", "every user of a plan"
         EVERYONE = "everyone", "every user"
         OPERATORS = "operators", "operators (counter store down, breaker open)"
@@ -355,6 +418,8 @@ class AlertRule(models.Model):
                              related_name="alert_rules", help_text="For a rule of one user.")
     plan = models.ForeignKey(Plan, null=True, blank=True, on_delete=models.CASCADE, related_name="alert_rules",
                              help_text="For a rule of a plan's users.")
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="alert_rules",
+                             help_text="For a rule of a team's pool.")
     thresholds = models.JSONField(default=default_alert_thresholds, validators=[validate_alert_thresholds],
                                   help_text="Percentages of the window's limit, e.g. [50, 80, 100]: each fires once "
                                             "per window.")
@@ -371,9 +436,11 @@ class AlertRule(models.Model):
         ordering = ["name", "id"]
         constraints = [
             models.CheckConstraint(
-                condition=(models.Q(kind="user", user__isnull=False, plan__isnull=True)
-                           | models.Q(kind="plan", plan__isnull=False, user__isnull=True)
-                           | models.Q(kind__in=["everyone", "operators"], user__isnull=True, plan__isnull=True)),
+                condition=(models.Q(kind="user", user__isnull=False, plan__isnull=True, team__isnull=True)
+                           | models.Q(kind="plan", plan__isnull=False, user__isnull=True, team__isnull=True)
+                           | models.Q(kind="team", team__isnull=False, user__isnull=True, plan__isnull=True)
+                           | models.Q(kind__in=["everyone", "operators"], user__isnull=True, plan__isnull=True,
+                                      team__isnull=True)),
                 name="alert_rule_scope_matches_kind"),
         ]
 
@@ -386,10 +453,14 @@ class AlertRule(models.Model):
             raise ValidationError({"user": "A rule of one user names the user."})
         if self.kind == self.Kind.PLAN and not self.plan_id:
             raise ValidationError({"plan": "A rule of a plan names the plan."})
+        if self.kind == self.Kind.TEAM and not self.team_id:
+            raise ValidationError({"team": "A rule of a team names the team."})
         if self.kind != self.Kind.USER:
             self.user = None
         if self.kind != self.Kind.PLAN:
             self.plan = None
+        if self.kind != self.Kind.TEAM:
+            self.team = None
         if not self.emails and not self.webhook_url:
             raise ValidationError("Give at least one e-mail address or a webhook URL.")
 
