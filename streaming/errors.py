@@ -68,7 +68,23 @@ _KEY_MESSAGES = {
     quota.InvalidApiKey.MISSING: "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
     quota.InvalidApiKey.INCORRECT: "Incorrect API key provided.",
     quota.InvalidApiKey.INACTIVE: "This API key has been revoked or has expired.",
+    quota.InvalidApiKey.NOT_A_MEMBER: "This API key spends from a team its user no longer belongs to.",
 }
+
+
+def _exceeded(exc) -> str:
+    """Which window ran out, in words: whose (the user's, the key's, the team's pool, the member's cap in it), which
+    period, tokens or money."""
+    period = "daily" if exc.scope.endswith("day") else "monthly"
+    money = exc.scope.startswith("budget_")
+    what = f"budget ({settings.SLUICE_CURRENCY})" if money else "token quota"
+    if exc.owner == "key":
+        return f"This API key ({exc.owner_name}…) reached its {period} spend limit ({settings.SLUICE_CURRENCY})."
+    if exc.owner == "team":
+        return f"The team '{exc.owner_name}' used up its {period} {what}."
+    if exc.owner == "member":
+        return f"You reached your {period} cap ({settings.SLUICE_CURRENCY}) in the team '{exc.owner_name}'."
+    return f"You exceeded your {period} {what}."
 
 
 def api_error(exc: Exception) -> ApiError:
@@ -79,11 +95,8 @@ def api_error(exc: Exception) -> ApiError:
         return ApiError(exc.message, status=exc.status, type="server_error" if exc.status >= 500 else "upstream_error",
                         code=exc.code, param=exc.param, retry_after_seconds=exc.retry_after_seconds)
     if isinstance(exc, quota.QuotaExceeded):
-        period = "daily" if exc.scope.endswith("day") else "monthly"
-        what = f"budget ({settings.SLUICE_CURRENCY})" if exc.scope.startswith("budget_") else "token quota"
-        return ApiError(f"You exceeded your {period} {what}. "
-                        f"It resets at {exc.resets_at.isoformat()}.", status=429, type="insufficient_quota",
-                        code=exc.code, retry_after_seconds=exc.retry_after_seconds)
+        return ApiError(f"{_exceeded(exc)} It resets at {exc.resets_at.isoformat()}.", status=429,
+                        type="insufficient_quota", code=exc.code, retry_after_seconds=exc.retry_after_seconds)
     if isinstance(exc, quota.RateLimited):
         return ApiError(f"Rate limit reached: {exc.limit} requests per minute. "
                         f"Retry after {exc.retry_after_seconds:.0f} s.", status=429, type="requests", code=exc.code,

@@ -1,6 +1,6 @@
-"""The operators' admin: limits (plans, per-user quotas, the quota on a user's page) here; API keys in keys.py, the
-usage ledger and the audit trail in ledger.py; shared behaviour in common.py (quotas/apps.py imports this module,
-which imports the others).
+"""The operators' admin: limits (plans, per-user quotas, the quota on a user's page) here; API keys in keys.py,
+teams in teams.py, alerts in alerts.py, the usage ledger and the audit trail in ledger.py; shared behaviour in
+common.py (quotas/apps.py imports this module, which imports the others).
 
 A thin interface: limits are read from the database on every request, so what is saved here applies
 to the next request without a restart (and to running streams at their next lease). Every change to
@@ -9,7 +9,6 @@ figures are read in quotas/console/dashboard.py.
 """
 
 import json
-import zoneinfo
 
 from django import forms
 from django.contrib import admin, messages
@@ -28,7 +27,10 @@ from ..domain.policy import LIMIT_FIELDS, Limits, calendar_windows
 from ..models import AuditEntry, Plan, UserQuota
 from ..store import StoreUnavailable
 from . import alerts, dashboard, display, keys, ledger  # noqa: F401 (alerts, keys and ledger register their pages)
+from . import spend  # noqa: F401 (registers the spend page, beside the ledger's dashboard)
+from . import teams  # registers the teams' page; SluiceUserAdmin lists a user's teams with its inline
 from .common import AllowedModelsForm, AuditedAdmin, NulFree
+from .timezones import TimezoneSelect
 
 Action = AuditEntry.Action
 User = get_user_model()
@@ -41,15 +43,6 @@ admin.site.index_title = "Operations"
 # The tables get the page's width at 1280 px (issue 19, item 8): the left-hand model list took 300 px of it, and the
 # breadcrumbs and the front page lead everywhere it did.
 admin.site.enable_nav_sidebar = False
-
-
-class TimezoneSelect:
-    """The quota's zone picked from the installed tz database's names (the model validates; no frozen choices)."""
-
-    def formfield_for_dbfield(self, db_field, request, **kwargs):
-        if db_field.name == "timezone":
-            kwargs["widget"] = forms.Select(choices=[(name, name) for name in sorted(zoneinfo.available_timezones())])
-        return super().formfield_for_dbfield(db_field, request, **kwargs)
 
 
 class PlanForm(AllowedModelsForm):
@@ -283,7 +276,7 @@ if admin.site.is_registered(User):
 
 @admin.register(User)
 class SluiceUserAdmin(NulFree, UserAdmin):
-    inlines = [*UserAdmin.inlines, UserQuotaInline]
+    inlines = [*UserAdmin.inlines, UserQuotaInline, teams.MembershipsOfUserInline]
 
     def save_formset(self, request, form, formset, change):
         if formset.model is not UserQuota:

@@ -25,12 +25,17 @@ from django.utils import timezone
 
 from ..domain import catalogue
 from ..domain.selectors import caller_limits
-from ..models import ApiKey, AuditEntry
+from ..models import ApiKey, AuditEntry, Team, TeamMembership
 from . import display
 from .common import AllowedModelsForm, NulFree
 
 Action = AuditEntry.Action
-KEY_FIELDS = ("user", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at")
+KEY_FIELDS = ("user", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at", "team",
+              "budget_per_day", "budget_per_month")
+# What an operator edits on a key's page, audited when it changes.
+EDITED_FIELDS = ("name", "expires_at", "allowed_models", "team", "budget_per_day", "budget_per_month")
+KEY_LIMIT_FIELDS = ("team", "budget_per_day", "budget_per_month")
+NOT_A_MEMBER = "The key's user is not a member of this team (add them on the team's page first)."
 ISSUED = "sluice.issued_keys"  # session key: {api key pk: raw key}, until each is shown
 PROMPT = "Say hello in five words."
 
@@ -116,7 +121,9 @@ class KeyStatusFilter(admin.SimpleListFilter):
 
 
 class ApiKeyForm(AllowedModelsForm):
-    """A key's models: some of what its user's plan allows (issue 18, item 2), or (none ticked) all of it."""
+    """A key's models: some of what its user's plan allows (issue 18, item 2), or (none ticked) all of it. Its team:
+    one its user is a member of (the choices, once the user is known; checked here when the user is chosen in the same
+    form)."""
 
     none_ticked = ("None ticked: every model the user's plan allows. Ticked: only those (and only those the plan "
                    "allows).")
@@ -125,18 +132,39 @@ class ApiKeyForm(AllowedModelsForm):
         model = ApiKey
         fields = "__all__"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "team" in self.fields and self.instance.user_id:
+            # The key's current team stays offered even if its user has left it (a shell): shown, not blanked.
+            teams = Q(memberships__user_id=self.instance.user_id) | Q(pk=self.instance.team_id or 0)
+            self.fields["team"].queryset = Team.objects.filter(teams).distinct()
+
+    def clean_allowed_models(self):
+        # None ticked: stored as null, as a key issued without models has it, so that saving its page (to give it a
+        # team or a limit) is not also an audited "allowed_models: – → []" that changes nothing.
+        return self.cleaned_data["allowed_models"] or None
+
+    def clean(self):
+        cleaned = super().clean()
+        team, user = cleaned.get("team"), cleaned.get("user")
+        user_id = user.pk if user else self.instance.user_id
+        if team and user_id and not TeamMembership.objects.filter(team=team, user_id=user_id).exists():
+            self.add_error("team", NOT_A_MEMBER)
+        return cleaned
+
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(NulFree, admin.ModelAdmin):
     form = ApiKeyForm
-    list_display = ["prefix", "name", "user", "status", "created", "last_used", "expires"]
-    list_filter = [KeyStatusFilter]
-    list_select_related = ["user"]
-    search_fields = ["prefix", "name", "user__username"]
+    list_display = ["prefix", "name", "user", "team", "status", "created", "last_used", "expires"]
+    list_filter = [KeyStatusFilter, "team"]
+    list_select_related = ["user", "team"]
+    search_fields = ["prefix", "name", "user__username", "team__name"]
     autocomplete_fields = ["user"]
     actions = ["revoke"]
-    add_fields = ["user", "name", "expires_at", "allowed_models"]
-    fields = ["user", "name", "prefix", "created_at", "last_used_at", "expires_at", "allowed_models", "revoked_at"]
+    add_fields = ["user", "name", "expires_at", "allowed_models", *KEY_LIMIT_FIELDS]
+    fields = ["user", "name", "prefix", "created_at", "last_used_at", "expires_at", "allowed_models", *KEY_LIMIT_FIELDS,
+              "revoked_at"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
 
     def get_fields(self, request, obj=None):
@@ -164,18 +192,22 @@ class ApiKeyAdmin(NulFree, admin.ModelAdmin):
         return display.when(key.expires_at) if key.expires_at else "never"
 
     def save_model(self, request, obj, form, change):
+        # The key as saved is read back for the audit: its money with the database's 6 decimal places, so that "5"
+        # typed and "5.000000" stored are one value (not a change at the next save).
         if change:
             before = ApiKey.objects.get(pk=obj.pk)
             super().save_model(request, obj, form, change)
-            if entry := AuditEntry.for_save(request.user, before, obj, ("name", "expires_at", "allowed_models")):
+            after = ApiKey.objects.select_related("team").get(pk=obj.pk)
+            if entry := AuditEntry.for_save(request.user, before, after, EDITED_FIELDS):
                 entry.save()
             return
         obj.raw_key = obj.set_new_key()  # for response_add only; never stored
         super().save_model(request, obj, form, change)
+        after = ApiKey.objects.select_related("team").get(pk=obj.pk)
         AuditEntry.entry(request.user, Action.KEY_CREATED, obj, new={
             "user": obj.user.get_username(), "name": obj.name, "prefix": obj.prefix,
             "expires_at": obj.expires_at.isoformat() if obj.expires_at else None,
-            "allowed_models": obj.allowed_models or None}).save()
+            "allowed_models": obj.allowed_models or None, **AuditEntry.values(after, KEY_LIMIT_FIELDS)}).save()
 
     def response_add(self, request, obj, post_url_continue=None):
         # To the one-time page by a redirect: refreshing it repeats a GET, never the POST that issued the key. The

@@ -22,6 +22,11 @@ def user_key(user_id, suffix):
     return f"sluice:{{u{user_id}}}:{suffix}"
 
 
+def team_key(team_id, suffix):
+    # A team's pool and its members' caps: one hash tag per team.
+    return f"sluice:{{t{team_id}}}:{suffix}"
+
+
 async def hit_rate(user_id, limits: Limits, now: float):
     """Count a request against the per-minute limit; raise RateLimited if it is over."""
     try:

@@ -9,8 +9,11 @@ fired it (AlertEvent's unique constraint); only that inserter writes the deliver
 transaction. The next window has a new key, so a rule is armed again at the window's reset. quotas/domain/outbox.py
 sends the deliveries (`manage.py deliver_alerts`). docs/operations.md, "Alerts".
 
-A scope is a string ("user:42"; later "team:7", "key:9") and a window a key ("tokens_day:2026-12-05"): money windows
-and other scopes plug in by building `Measure`s and calling `evaluate`.
+A scope is a string and a window a key ("tokens_day:2026-12-05", "money_month:2026-12"). Two scopes are alerted on:
+a user's own windows ("user:42": its token limits and budgets, watched by its own, its plan's and everyone's rules)
+and a team's pool ("team:7": watched by the team's rules, measured at any member's settlement). A key's spend limits
+and a member's cap in a pool are not: no rule names them (another scope would plug in by building `Measure`s and
+calling `evaluate`). Money windows are measured in nanos of SLUICE_CURRENCY, told in the currency.
 """
 
 import asyncio
@@ -22,13 +25,17 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import ROUND_DOWN, Decimal
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.utils import timezone
 
 from ..models import ALERT_WINDOWS, AlertEvent, AlertRule, Outbox, UserQuota
 from . import db
+from .money import as_currency
+from .policy import NO_BUDGET, window_limit
 from .selectors import default_plan
 
 logger = logging.getLogger("quotas.alerts")
@@ -53,18 +60,21 @@ class CachedRule:
     user_id: int | None
     plan_id: int | None
     thresholds: tuple  # ascending percentages
-    windows: frozenset  # e.g. {"tokens_day", "tokens_month"}
+    windows: frozenset  # e.g. {"tokens_day", "money_month"}
+    team_id: int | None = None  # a team rule's team: it watches that team's pool
 
 
 class Rules:
     """The enabled rules as one process sees them, indexed by whom they watch."""
 
     def __init__(self, rules=()):
-        self.by_user = {}
+        self.by_user, self.by_team = {}, {}
         plan, everyone, operators = [], [], []
         for rule in rules:
             if rule.kind == AlertRule.Kind.USER:
                 self.by_user.setdefault(rule.user_id, []).append(rule)
+            elif rule.kind == AlertRule.Kind.TEAM:
+                self.by_team.setdefault(rule.team_id, []).append(rule)
             elif rule.kind == AlertRule.Kind.PLAN:
                 plan.append(rule)
             elif rule.kind == AlertRule.Kind.EVERYONE:
@@ -78,6 +88,10 @@ class Rules:
         own = self.by_user.get(user_id)
         return (*own, *self.general) if own else self.general
 
+    def for_team(self, team_id):
+        """A team's rules: they watch its pool, not its members' own windows (those are the members' rules')."""
+        return self.by_team.get(team_id, ())
+
 
 def _thresholds(value) -> tuple:
     if not isinstance(value, list):
@@ -88,11 +102,13 @@ def _thresholds(value) -> tuple:
 def load_rules() -> Rules:
     """The enabled rules (one query). A malformed value saved past the admin's validation drops what it cannot read."""
     rows = AlertRule.objects.filter(enabled=True).values_list("id", "kind", "user_id", "plan_id", "thresholds",
-                                                              "windows")
-    return Rules(CachedRule(id_, kind, user_id, plan_id, _thresholds(thresholds),
-                            frozenset(w for w in windows if w in ALERT_WINDOWS) if isinstance(windows, list)
-                            else frozenset())
-                 for id_, kind, user_id, plan_id, thresholds, windows in rows)
+                                                              "windows", "team_id")
+    return Rules(CachedRule(id_, kind, user_id, plan_id, _thresholds(thresholds), _windows(windows), team_id)
+                 for id_, kind, user_id, plan_id, thresholds, windows, team_id in rows)
+
+
+def _windows(value) -> frozenset:
+    return frozenset(w for w in value if w in ALERT_WINDOWS) if isinstance(value, list) else frozenset()
 
 
 class _State:
@@ -162,9 +178,15 @@ def _forget(keys):
 
 # Threshold alerts --------------------------------------------------------------------------------------------------
 
+# A window's scope (policy.Window.scope) → the kind of measure a rule names (models.ALERT_WINDOWS).
+MEASURE_KINDS = {"day": "tokens_day", "month": "tokens_month", "budget_day": "money_day",
+                 "budget_month": "money_month"}
+
+
 @dataclass(frozen=True)
 class Measure:
-    """One window of one scope, measured: `kind` is "<measure>_<period>" (tokens_day), `key` names the window."""
+    """One window of one scope, measured: `kind` is "<measure>_<period>" (tokens_day, money_month), `key` names the
+    window. `unit` "tokens", or "money" (used and limit in nanos of SLUICE_CURRENCY)."""
 
     kind: str
     key: str
@@ -181,6 +203,24 @@ class Measure:
     def percent(self):
         return 100 * self.used / self.limit
 
+    def amounts(self):
+        """"850 of 1,000 tokens", "8.00 of 10.00 USD": for messages."""
+        if self.unit == "money":
+            return f"{_amount(self.used)} of {_amount(self.limit)} {settings.SLUICE_CURRENCY}"
+        return f"{self.used:,} of {self.limit:,} {self.unit}"
+
+
+@dataclass(frozen=True)
+class TeamPool:
+    """A team's pool as its alerts name it: the scope "team:<id>", and the team's name for messages."""
+
+    id: int
+    name: str
+
+    @property
+    def scope(self):
+        return f"team:{self.id}"
+
 
 @dataclass(frozen=True)
 class Crossing:
@@ -192,46 +232,81 @@ class Crossing:
         return (self.rule.id, scope, self.measure.window_key, self.threshold)
 
 
-def token_measures(limits, windows, remaining_by_window, returned=0):
-    """The user's token windows (policy.calendar_windows) as measures, from the room left after the last lease
-    (`remaining_by_window`, what the counter store answered) plus what the settlement gave back (`returned`: the
-    lease's tokens not charged). Used = what the window counts: settled tokens and what running streams hold."""
-    limit_of = {"day": limits.tokens_per_day, "month": limits.tokens_per_month}
+def window_measures(limits, windows, remaining, returned=0, owner="user", owner_id=None):
+    """One owner's windows as measures — the user's own (owner "user"), or a team's pool ("team" and the team's id)
+    — from the room left in each after the lease's last grant (`remaining`, in each window's units: tokens, nanos for
+    money, as the counter store answered) plus what the settlement gave back (`returned`, per window in its units:
+    held but not charged; a number alone: the same in every window). Used = what the window counts: settled usage and
+    what running streams hold.
+
+    The limit is the window's under `limits` (policy.window_limit: the refreshed plan's, the pools'); a window whose
+    limit was removed mid-stream (NO_BUDGET) has none to cross."""
+    if isinstance(returned, int):
+        returned = [returned] * len(windows)
     measures = []
-    for window, remaining in zip(windows, remaining_by_window):
-        if window.scope not in limit_of:
-            continue  # a money window (budget_day, budget_month): in nanos, not tokens
-        limit = limit_of[window.scope]
-        if not limit:
+    for window, left, back in zip(windows, remaining, returned):
+        if window.owner != owner or window.owner_id != owner_id:
             continue
-        left = min(limit, max(0, remaining + returned))
-        measures.append(Measure(f"tokens_{window.scope}", window.key, limit - left, limit, window.end))
+        limit = window_limit(window, limits)
+        if limit <= 0 or limit == NO_BUDGET:
+            continue
+        used = limit - min(limit, max(0, left + back))
+        measures.append(Measure(MEASURE_KINDS[window.scope], window.key, used, limit, window.end,
+                                "money" if window.is_money else "tokens"))
     return measures
 
 
-async def check(user_id, limits, windows, remaining_by_window, returned=0) -> int:
-    """After a lease's settlement: fire the user's rules whose thresholds the windows crossed; returns how many fired.
+def team_pools(windows):
+    """The team pools among a lease's windows, once each (a key names one team; its day and month, tokens and money
+    windows are one pool)."""
+    return list(dict.fromkeys(TeamPool(w.owner_id, w.owner_name) for w in windows if w.owner == "team"))
 
-    Never raises (an alert must not fail a settlement): a failure is logged, and the crossing is tried again at the
-    user's next settlement.
+
+async def check(user_id, limits, windows, remaining, returned=0) -> int:
+    """After a lease's settlement: fire the rules whose thresholds the windows crossed, and return how many fired.
+    The user's, its plan's and everyone's rules watch the user's own windows (scope "user:<id>"); a team's rules its
+    pool's windows (scope "team:<id>"), whichever member's settlement crossed them. A key's and a member's windows
+    are not alerted on (no rule names them).
+
+    `remaining` and `returned`: per window, in its units (window_measures). Never raises (an alert must not fail a
+    settlement): a failure is logged, and the crossing is tried again at the next settlement of the scope.
     """
-    if not remaining_by_window or limits.suspended:
+    if not remaining or limits.suspended:
         return 0
     try:
-        rules = (await current_rules()).for_user(user_id)
-        if not rules:
-            return 0
-        return await evaluate(f"user:{user_id}", user_id, rules,
-                              token_measures(limits, windows, remaining_by_window, returned))
+        rules = await current_rules()
     except Exception:
-        logger.exception("could not check the alert thresholds of user %s", user_id)
+        logger.exception("could not read the alert rules")
         return 0
+    fired = 0
+    for scope, watching, owner, team in _watched(rules, user_id, windows):
+        try:
+            measures = window_measures(limits, windows, remaining, returned, owner, team.id if team else None)
+            fired += await evaluate(scope, user_id, watching, measures, team)
+        except Exception:
+            logger.exception("could not check the alert thresholds of %s", scope)
+    return fired
+
+
+def _watched(rules, user_id, windows):
+    """The scopes of a settlement that rules watch, as (scope, its rules, owner of its windows, TeamPool or None):
+    only those are measured (the common case, no rule: no work)."""
+    own = rules.for_user(user_id)
+    if own:
+        yield f"user:{user_id}", own, "user", None
+    for team in team_pools(windows):
+        watching = rules.for_team(team.id)
+        if watching:
+            yield team.scope, watching, "team", team
 
 
 async def settled(lease, charged) -> int:
     """The hook in TokenLease.settle, once the store settled: `check` with what the lease knows (its windows, the room
-    left at its last lease) and the tokens it gave back (held but not charged)."""
-    return await check(lease.user_id, lease.limits, lease.windows, lease.remaining_by_window, lease.held - charged)
+    left in each at its last lease) and what it gave back in each: held but not charged. `charged`: what each window
+    was charged, in its units (TokenLease.charges; a number alone: the same in every window)."""
+    charged = [charged] * len(lease.held_units) if isinstance(charged, int) else charged
+    returned = [held - spent for held, spent in zip(lease.held_units, charged)]
+    return await check(lease.user_id, lease.limits, lease.windows, lease.remaining_units, returned)
 
 
 def _plan_may_be(user_id, plan_id) -> bool:
@@ -241,9 +316,8 @@ def _plan_may_be(user_id, plan_id) -> bool:
     return known[0] == plan_id
 
 
-async def evaluate(scope, user_id, rules, measures) -> int:
-    """Fire `rules`' thresholds that `measures` crossed and this process has not seen fire; returns how many fired
-    here (inserted their event). The database work runs on a database thread, and only for new crossings."""
+def _new_crossings(scope, user_id, rules, measures):
+    """The thresholds `measures` crossed that this process has not seen fire (an O(1) look-up each)."""
     crossings = []
     fired = _state.fired
     for rule in rules:
@@ -258,12 +332,21 @@ async def evaluate(scope, user_id, rules, measures) -> int:
                 crossing = Crossing(rule, measure, threshold)
                 if crossing.key(scope) not in fired:
                     crossings.append(crossing)
+    return crossings
+
+
+async def evaluate(scope, user_id, rules, measures, team=None) -> int:
+    """Fire `rules`' thresholds that `measures` crossed and this process has not seen fire; returns how many fired
+    here (inserted their event). The database work runs on a database thread, and only for new crossings. `team`: the
+    TeamPool whose windows `measures` are (scope "team:<id>"); `user_id` is then the member whose settlement crossed
+    them."""
+    crossings = _new_crossings(scope, user_id, rules, measures)
     if not crossings:
         return 0
     keys = [c.key(scope) for c in crossings]
     _remember(keys)  # in flight: this process's other streams need not try them too
     try:
-        outcome = await db.run(fire, scope, user_id, crossings)
+        outcome = await db.run(fire, scope, user_id, crossings, team=team)
     except BaseException:
         _forget(keys)  # tried again at the next settlement
         raise
@@ -287,9 +370,9 @@ def plan_of(user_id):
     return plan_id if plan_id is not None else default_plan().pk
 
 
-def fire(scope, user_id, crossings, now=None) -> Fired:
+def fire(scope, user_id, crossings, now=None, team=None) -> Fired:
     """Insert each crossing's event unless it exists (any process may have fired it: the unique constraint decides),
-    and the deliveries of those inserted here, in one transaction. Sync (a database thread).
+    and the deliveries of those inserted here, in one transaction. Sync (a database thread). `team`: see `evaluate`.
 
     Crossings are inserted in one order (rule, window, threshold) so that two transactions never wait for each other
     in a cycle. When one settlement crosses several thresholds of a rule's window at once (50 % and 80 %), each gets
@@ -303,6 +386,7 @@ def fire(scope, user_id, crossings, now=None) -> Fired:
         return Fired(0, plan_id, not_applicable)
     rules = AlertRule.objects.in_bulk({c.rule.id for c in wanted})
     user = get_user_model().objects.filter(pk=user_id).values_list("username", flat=True).first() or f"user {user_id}"
+    who = f"team '{team.name}'" if team else user
     inserted = []
     with transaction.atomic():
         for crossing in sorted(wanted, key=lambda c: (c.rule.id, c.measure.window_key, c.threshold)):
@@ -310,28 +394,14 @@ def fire(scope, user_id, crossings, now=None) -> Fired:
             if rule is None or not rule.enabled:  # deleted or disabled since this process read the rules
                 continue
             m = crossing.measure
-            text = threshold_text(user, crossing)
+            text = threshold_text(who, crossing)
             event_id = insert_event(rule.pk, scope, m.window_key, crossing.threshold, now, m.used, m.limit, text)
             if event_id is not None:
                 inserted.append((rule, crossing, event_id, text))
-        highest = {}
-        for item in inserted:
-            rule, crossing = item[0], item[1]
-            slot = (rule.pk, crossing.measure.window_key)
-            if slot not in highest or crossing.threshold > highest[slot][1].threshold:
-                highest[slot] = item
         rows = []
-        for rule, crossing, event_id, text in highest.values():
-            m = crossing.measure
-            payload = {
-                "type": "quota.threshold", "event_id": event_id, "rule": {"id": rule.pk, "name": rule.name},
-                "scope": scope, "user": {"id": user_id, "username": user},
-                "window": {"kind": m.kind, "key": m.key, "id": m.window_key,
-                           "resets_at": m.resets_at.isoformat() if m.resets_at else None},
-                "threshold": crossing.threshold, "used": m.used, "limit": m.limit, "unit": m.unit,
-                "percent": round(m.percent, 1), "fired_at": now.isoformat(), "text": text,
-            }
-            subject = f"[Sluice] {user}: {crossing.threshold} % of the {_window_name(m)} limit"
+        for rule, crossing, event_id, text in _highest(inserted):
+            payload = threshold_payload(rule, crossing, event_id, scope, (user_id, user), team, now, text)
+            subject = f"[Sluice] {who}: {crossing.threshold} % of the {_window_name(crossing.measure)}"
             rows += deliveries(rule, event_id, payload, subject, text, now)
         Outbox.objects.bulk_create(rows)
     for rule, crossing, _, text in inserted:
@@ -339,16 +409,55 @@ def fire(scope, user_id, crossings, now=None) -> Fired:
     return Fired(len(inserted), plan_id, not_applicable)
 
 
+def _highest(inserted):
+    """Of the events inserted, the highest threshold's of each rule's window: the one delivered."""
+    highest = {}
+    for item in inserted:
+        rule, crossing = item[0], item[1]
+        slot = (rule.pk, crossing.measure.window_key)
+        if slot not in highest or crossing.threshold > highest[slot][1].threshold:
+            highest[slot] = item
+    return highest.values()
+
+
+def threshold_payload(rule, crossing, event_id, scope, user, team, now, text):
+    """A threshold's webhook body. `user`: (id, username), whose settlement crossed it; a team's pool adds "team", a
+    money window "currency" (used and limit are in nanos of it)."""
+    m = crossing.measure
+    payload = {
+        "type": "quota.threshold", "event_id": event_id, "rule": {"id": rule.pk, "name": rule.name},
+        "scope": scope, "user": {"id": user[0], "username": user[1]},
+        "window": {"kind": m.kind, "key": m.key, "id": m.window_key,
+                   "resets_at": m.resets_at.isoformat() if m.resets_at else None},
+        "threshold": crossing.threshold, "used": m.used, "limit": m.limit, "unit": m.unit,
+        "percent": round(m.percent, 1), "fired_at": now.isoformat(), "text": text,
+    }
+    if team:
+        payload["team"] = {"id": team.id, "name": team.name}
+    if m.unit == "money":
+        payload["currency"] = settings.SLUICE_CURRENCY
+    return payload
+
+
 def _window_name(measure):
+    """"daily token limit", "monthly budget"."""
     what, _, period = measure.kind.partition("_")
-    return f"{PERIODS.get(period, period)} {'token' if what == 'tokens' else what}"
+    return f"{PERIODS.get(period, period)} {'token limit' if what == 'tokens' else 'budget'}"
+
+
+def _amount(nanos):
+    """An amount in the currency as people read it: two decimals (rounded down: never more than was used), except an
+    amount under 1 that is not whole cents, in full (0.0042): a small budget is not told as 0.00 of 0.00."""
+    value = as_currency(nanos)
+    cents = value.quantize(Decimal("0.01"), rounding=ROUND_DOWN)
+    return f"{cents:,.2f}" if cents == value or value >= 1 else f"{value.normalize():f}"
 
 
 def threshold_text(who, crossing):
     m = crossing.measure
     resets = f"; the window resets at {m.resets_at:%Y-%m-%d %H:%M %Z}" if m.resets_at else ""
-    return (f"{who} has used {m.percent:.0f} % of the {_window_name(m)} limit ({m.used:,} of {m.limit:,} {m.unit}, "
-            f"window {m.key}), past the {crossing.threshold} % threshold{resets}.")
+    return (f"{who} has used {m.percent:.0f} % of the {_window_name(m)} ({m.amounts()}, window {m.key}), past the "
+            f"{crossing.threshold} % threshold{resets}.")
 
 
 @functools.cache

@@ -24,6 +24,7 @@ class InvalidApiKey(QuotaRefusal):
     MISSING = "missing"
     INCORRECT = "incorrect"
     INACTIVE = "inactive"
+    NOT_A_MEMBER = "not_a_member"  # the key names a team its user has left
 
 
 @dataclass(eq=False)
@@ -48,12 +49,14 @@ class ConcurrencyLimited(QuotaRefusal):
 @dataclass(eq=False)
 class QuotaExceeded(QuotaRefusal):
     """A window ran out: `scope` is the one that did — a token window ("day" or "month") or a money budget's
-    ("budget_day" or "budget_month") — with its own reset. The same code for all four (OpenAI's for a spent quota or
-    budget); the message names the window."""
+    ("budget_day" or "budget_month") — of `owner` (the user, their key, their team's pool or their cap in it), with
+    its own reset. The same code for all (OpenAI's for a spent quota or budget); the message names the window."""
 
     scope: str
     retry_after_seconds: float
     resets_at: datetime
+    owner: str = "user"  # whose window: the user's, or the key's, the team's pool, the member's cap in it
+    owner_name: str = ""  # the key's prefix or the team's name
     code = "insufficient_quota"
 
 

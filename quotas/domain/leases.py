@@ -15,11 +15,11 @@ from django.utils import timezone
 
 from ..store import StoreUnavailable, WindowSpec, get_store
 from . import alerts
-from .admission import user_key
+from .admission import team_key, user_key
 from .exceptions import CounterStoreDown, QuotaExceeded
 from .money import Price
-from .policy import (Limits, budget_windows, calendar_windows, clamp_max_tokens, exhausted_window, first_lease,
-                     tokens_left, window_limit)
+from .policy import (Limits, clamp_max_tokens, exhausted_window, first_lease, request_windows, tokens_left,
+                     window_limit)
 from .selectors import ledger_states, limits_of
 
 logger = logging.getLogger("quotas")
@@ -32,17 +32,24 @@ LIMITS_REFRESH_SECONDS = 5.0
 
 
 def window_key(user_id, window):
-    # Token windows "d:…"/"m:…"; money windows "budget_day:…"/"budget_month:…" (never the same record).
+    """The window's record in the counter store. Token windows "d:…"/"m:…"; money windows "budget_day:…"/
+    "budget_month:…" (never the same record). A user's and their keys' under the user's hash tag; a team's pool and
+    its members' caps under the team's."""
     scope = window.scope if window.is_money else window.scope[0]
-    return user_key(user_id, f"{scope}:{window.key}")
+    name = f"{scope}:{window.key}"
+    if window.owner == "user":
+        return user_key(user_id, name)
+    if window.owner == "key":
+        return user_key(user_id, f"k{window.owner_id}:{name}")
+    if window.owner == "team":
+        return team_key(window.owner_id, name)
+    return team_key(window.owner_id, f"m{user_id}:{name}")  # a member's cap in the team's pool
 
 
-def window_specs(user_id, limits: Limits, now_dt, price: Price | None = None):
-    """The token windows, and the money windows of the user's budgets when the request is priced (an unpriced model
-    costs nothing: no money window)."""
-    windows = calendar_windows(limits, now_dt)
-    if price is not None:
-        windows = (*windows, *budget_windows(limits, now_dt))
+def window_specs(user_id, limits: Limits, now_dt, money: bool = False):
+    """Every window the request leases (policy.request_windows): with `money` (a priced request) the budgets' too; an
+    unpriced model costs nothing, so it has no money window."""
+    windows = request_windows(limits, now_dt, money)
     specs = [WindowSpec(window_key(user_id, w), w.limit, w.end.timestamp() + WINDOW_MARGIN_SECONDS)
              for w in windows]
     return windows, specs
@@ -60,15 +67,21 @@ async def seed_windows(user_id, windows, specs, missing, now):
 
 
 class TokenLease:
-    """`price`: the request's model's (quotas.domain.money.Price), or None; with a price, the user's money budgets
-    are leased too, in nanos: prompt tokens at the input rate, completion tokens at the output rate."""
+    """`price`: the request's model's (quotas.domain.money.Price), or None; with a price, the money budgets are leased
+    too, in nanos: prompt tokens at the input rate, completion tokens at the output rate. `limits.pools` (the API
+    key's: its spend limits, its team's pool, the member's cap) add their windows to the user's: every lease takes
+    from all of them at once, in one counter-store operation. `key_id`: the key whose pools a refresh reads again.
+    `now_dt` fixes the windows (and is the ledger row's start: a rebuild finds the row in the same windows)."""
 
-    def __init__(self, user_id, limits, holder, now_dt, price: Price | None = None):
+    def __init__(self, user_id, limits, holder, now_dt, price: Price | None = None, key_id=None,
+                 money: bool = False):
         self.user_id = user_id
+        self.key_id = key_id
         self.limits = limits
         self.holder = holder
         self.price = price
-        self.windows, self.specs = window_specs(user_id, limits, now_dt, price)
+        self.started_at = now_dt
+        self.windows, self.specs = window_specs(user_id, limits, now_dt, money or price is not None)
         self.held = 0  # tokens leased so far: prompt + completion
         self.held_units = [0] * len(self.specs)  # per window, in its units (tokens; nanos for money)
         self.prompt_tokens = 0
@@ -78,6 +91,7 @@ class TokenLease:
         self.settled = False
         self.remaining = None  # tokens (at the output rate) in the tightest window, after the last lease
         self.remaining_by_window = ()  # per window, in tokens at the last lease's rate, after the last lease
+        self.remaining_units = ()  # per window, in its units (tokens; nanos for money), after the last lease
         self.block = settings.QUOTA_LEASE_BLOCK_TOKENS
 
     @property
@@ -124,6 +138,7 @@ class TokenLease:
                     self.held += result.granted
                     self.held_units = [units + result.granted * r for units, r in zip(self.held_units, rates)]
                     self.remaining_by_window = tuple(units // r for units, r in zip(result.remaining, rates))
+                    self.remaining_units = tuple(result.remaining)
                     self.remaining = tokens_left(result.remaining, self._rated("output")[1])
                     return result.granted
                 await seed_windows(self.user_id, self.windows, self.specs, result.missing, now)
@@ -134,9 +149,10 @@ class TokenLease:
         raise CounterStoreDown("quota")
 
     def exhausted(self) -> QuotaExceeded:
-        """The refusal for the window that ran out at the last lease, with that window's own reset."""
+        """The refusal for the window that ran out at the last lease, with that window's own reset and owner."""
         window = exhausted_window(self.windows, self.remaining_by_window)
-        return QuotaExceeded(window.scope, window.seconds_left(timezone.now()), window.end)
+        return QuotaExceeded(window.scope, window.seconds_left(timezone.now()), window.end, window.owner,
+                             window.owner_name)
 
     async def admit(self, prompt_tokens, requested_max, stream: bool, choices: int = 1):
         """Reserve the prompt (once) and the first block, or for a non-streaming request `choices` (n) times the
@@ -204,11 +220,12 @@ class TokenLease:
 
     async def _refresh_limits(self):
         self.limits_read_at = time.monotonic()
-        limits = await limits_of(self.user_id)
+        limits = await limits_of(self.user_id, self.key_id)
         if limits != self.limits:
             self.limits = limits
             # Same windows (keys), new limits; a suspension stops the stream at its next lease.
-            self.specs = [dataclasses.replace(s, limit=window_limit(w, limits)) for w, s in zip(self.windows, self.specs)]
+            self.specs = [dataclasses.replace(s, limit=window_limit(w, limits))
+                          for w, s in zip(self.windows, self.specs)]
 
     async def renew(self, slot_key):
         try:
@@ -225,17 +242,19 @@ class TokenLease:
         if self.settled:
             return
         self.settled = True
+        units = self.charges(charged, cost_nanos)[0]  # per window (a number alone: the same in every window)
         for attempt in range(3):
             try:
-                await get_store().settle(self.specs, self.holder, self.charges(charged, cost_nanos)[0])
-                await alerts.settled(self, charged)
+                await get_store().settle(self.specs, self.holder, units)
+                await alerts.settled(self, units)
                 return
             except StoreUnavailable:
                 await asyncio.sleep(0.05 * (attempt + 1))
         logger.error("could not settle %s in the counter store; the ledger row is correct", self.holder)
 
     async def status(self):
-        """Per window: limit, used (settled + leased), remaining, reset time."""
+        """Per window: limit, used (settled + leased), remaining, reset time. The user's windows by their scope
+        ("day", "budget_month"), a pool's by its owner and scope ("team:budget_month"); money in nanos."""
         store, now = get_store(), time.time()
         out = {}
         for window, spec in zip(self.windows, self.specs):
@@ -244,16 +263,19 @@ class TokenLease:
                 await seed_windows(self.user_id, [window], [spec], {spec.key}, now)
                 state = await store.usage(spec.key, now) or (0, 0)
             used = state[0] + state[1]
-            out[window.scope] = {
+            name = window.scope if window.owner == "user" else f"{window.owner}:{window.scope}"
+            out[name] = {
                 "limit": spec.limit, "used": used, "remaining": max(0, spec.limit - used),
                 "resets_at": window.end.isoformat(), "reset_seconds": window.seconds_left(timezone.now()),
+                "owner": window.owner, "owner_name": window.owner_name, "money": window.is_money,
             }
         return out
 
 
-async def quota_status(user_id, limits: Limits):
-    """Limits, usage, remaining and reset times of the user's token windows."""
+async def quota_status(user_id, limits: Limits, money: bool = False):
+    """Limits, usage, remaining and reset times of the user's token windows, and with `money` of every window that
+    applies to the caller (budgets, the key's, the team's, the member's: `TokenLease.status`)."""
     try:
-        return await TokenLease(user_id, limits, holder="", now_dt=timezone.now()).status()
+        return await TokenLease(user_id, limits, holder="", now_dt=timezone.now(), money=money).status()
     except StoreUnavailable:
         raise CounterStoreDown("quota") from None

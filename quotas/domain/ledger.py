@@ -15,16 +15,19 @@ from .policy import Limits, calendar_windows
 
 
 def ledger_row(*, request_id, user_id, api_key_id, model, stream, reserved_tokens, windows, reserved_nanos=None,
-               price=None) -> Usage:
+               price=None, team_id=None, started_at=None) -> Usage:
     """A request's ledger row, not yet saved (`open_ledger` inserts it, or `close_ledger` with its ending).
 
-    `windows`: the lease's, token windows first (day, month). At a priced model the row holds its price and its
-    reservation in money from admission on, so that a money window rebuilt from the ledger counts it."""
+    `windows`: the lease's, the user's token windows first (day, month); `started_at`: the instant they were chosen
+    for (a pool's window rebuilt from the ledger finds its rows by their start). At a priced model the row holds its
+    price and its reservation in money from admission on, so that a money window rebuilt from the ledger counts it.
+    `team_id`: the team whose pool it spends from."""
     day, month = windows[:2]
     return Usage(
         request_id=request_id, user_id=user_id, api_key_id=api_key_id, model=model, stream=stream,
-        reserved_tokens=reserved_tokens, reserved_nanos=reserved_nanos,
+        reserved_tokens=reserved_tokens, reserved_nanos=reserved_nanos, team_id=team_id,
         price=price.as_record() if price is not None else None, day=day.start.date(), month=month.key,
+        **({"started_at": started_at} if started_at is not None else {}),
     )
 
 

@@ -19,6 +19,31 @@ BUDGET_FIELDS = ("budget_per_day", "budget_per_month")
 
 
 @dataclass(frozen=True)
+class Pool:
+    """A scope beyond the user that a request also spends from (docs/quotas.md, "Teams and keys"): its API key's
+    spend limits ("key"), its team's pool ("team") and the member's cap in that pool ("member"). Every limit is
+    optional (None: no window); money in NANOS. The key's windows are in its user's zone, a team's and a member's in
+    the team's."""
+
+    owner: str  # "key", "team" or "member"
+    id: int  # the key's or the team's
+    name: str  # for messages: the key's prefix, the team's name
+    timezone: str = "UTC"
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    budget_per_day: int | None = None
+    budget_per_month: int | None = None
+
+    def limit(self, scope: str) -> int | None:
+        return getattr(self, SCOPE_FIELDS[scope])
+
+
+# A window's scope → the limit field that sets it (on Limits and on Pool alike).
+SCOPE_FIELDS = {"day": "tokens_per_day", "month": "tokens_per_month", "budget_day": "budget_per_day",
+                "budget_month": "budget_per_month"}
+
+
+@dataclass(frozen=True)
 class Limits:
     tokens_per_day: int
     tokens_per_month: int
@@ -31,6 +56,8 @@ class Limits:
     # Money budgets in NANOS of SLUICE_CURRENCY (quotas/domain/money.py); None: no budget.
     budget_per_day: int | None = None
     budget_per_month: int | None = None
+    # The API key's pools (its spend limits, its team's pool, the member's cap), on top of the user's own limits.
+    pools: tuple = ()
 
     @classmethod
     def combine(cls, plan, override=None):
@@ -53,6 +80,12 @@ class Limits:
         names = _model_names(key_models, None)
         allowed = tuple(m for m in names if not self.allowed_models or m in self.allowed_models)
         return replace(self, allowed_models=allowed or NO_MODEL)
+
+    def with_pools(self, pools) -> "Limits":
+        return replace(self, pools=tuple(pools))
+
+    def pool(self, owner: str):
+        return next((p for p in self.pools if p.owner == owner), None)
 
     def allows_model(self, model, configured):
         return model in configured and (not self.allowed_models or model in self.allowed_models)
@@ -87,6 +120,9 @@ class Window:
     start: datetime
     end: datetime
     limit: int
+    owner: str = "user"  # whose window: the user's, or a pool's ("key", "team", "member": Pool.owner)
+    owner_id: int | None = None  # the pool's id (the key's, the team's)
+    owner_name: str = ""  # the pool's name, for messages
 
     @property
     def is_money(self) -> bool:
@@ -125,13 +161,38 @@ def budget_windows(limits: Limits, now: datetime):
                  if budget is not None)
 
 
+def pool_windows(pool: Pool, now: datetime, money: bool):
+    """A pool's windows that have a limit (tokens; money too when `money`: the request is priced), over the calendar
+    periods of the pool's zone."""
+    day, month = calendar_windows(Limits(0, 0, 0, 0, 0, (), timezone=pool.timezone), now)
+    scopes = (("day", day), ("month", month))
+    if money:
+        scopes += (("budget_day", day), ("budget_month", month))
+    return tuple(Window(scope, w.key, w.start, w.end, pool.limit(scope), pool.owner, pool.id, pool.name)
+                 for scope, w in scopes if pool.limit(scope) is not None)
+
+
+def request_windows(limits: Limits, now: datetime, money: bool):
+    """Every window a request leases: the user's token windows (day, month: always first), the user's budgets when
+    priced, then each pool's windows."""
+    windows = calendar_windows(limits, now)
+    if money:
+        windows += budget_windows(limits, now)
+    for pool in limits.pools:
+        windows += pool_windows(pool, now, money)
+    return windows
+
+
 def window_limit(window: Window, limits: Limits) -> int:
-    """A window's limit under `limits` (a refreshed plan): 0 while suspended; a budget that was removed since the
-    stream began no longer limits it (NO_BUDGET)."""
+    """A window's limit under `limits` (a refreshed plan): 0 while suspended; a limit that was removed since the
+    stream began (a budget, a pool, a key's team) no longer limits it (NO_BUDGET)."""
     if limits.suspended:
         return 0
-    value = getattr(limits, {"day": "tokens_per_day", "month": "tokens_per_month", "budget_day": "budget_per_day",
-                             "budget_month": "budget_per_month"}[window.scope])
+    if window.owner == "user":
+        value = getattr(limits, SCOPE_FIELDS[window.scope])
+    else:
+        pool = next((p for p in limits.pools if p.owner == window.owner and p.id == window.owner_id), None)
+        value = None if pool is None else pool.limit(window.scope)
     return NO_BUDGET if value is None else value
 
 

@@ -49,7 +49,8 @@ async def _charge_windows(row) -> int:
     output rate, charged the row's cost as far as that lease covers it. Returns (tokens charged, cost, nanos
     charged)."""
     price = price_from_record(row.price)
-    lease = TokenLease(row.user_id, await limits_of(row.user_id), row.request_id, row.started_at, price)
+    lease = TokenLease(row.user_id, await limits_of(row.user_id, row.api_key_id), row.request_id, row.started_at,
+                       price, key_id=row.api_key_id)
     cost = cost_nanos(price, row.prompt_tokens, row.completion_tokens)
     try:
         granted = await lease.top_up(row.owed_tokens)

@@ -10,11 +10,12 @@ from types import SimpleNamespace
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
-from django.db.models import F, Sum
+from django.db.models import F, OuterRef, Subquery, Sum
 
-from ..models import Plan, Usage
+from ..models import ApiKey, Plan, TeamMembership, Usage
 from .db import PreparedQuery, database
-from .policy import LIMIT_FIELDS, Limits
+from .money import as_nanos
+from .policy import LIMIT_FIELDS, Limits, Pool
 
 QUOTA_FIELDS = (*LIMIT_FIELDS, "suspended", "timezone")
 # The user's quota record and its plan (LEFT JOINs: a user may have no record), in one query.
@@ -36,18 +37,59 @@ def default_plan() -> Plan:
     return plan
 
 
-def caller_limits(user_id) -> Limits:
-    """The user's plan with its per-user overrides; a user without a quota record gets the default plan.
+def caller_limits(user_id, key_id=None) -> Limits:
+    """The user's plan with its per-user overrides; a user without a quota record gets the default plan. With
+    `key_id`, narrowed to the key's models and with the key's pools (`key_limits`).
 
     Sync (a database thread: `db.run`, or `limits_of` from async code).
     """
     rows = _limits_row.rows(user_id)
     if not rows or rows[0][0] is None:
-        return Limits.combine(default_plan())
-    values = rows[0][1:]
-    quota = SimpleNamespace(**dict(zip(QUOTA_FIELDS, values[:len(QUOTA_FIELDS)])))
-    plan = SimpleNamespace(**dict(zip(LIMIT_FIELDS, values[len(QUOTA_FIELDS):])))
-    return Limits.combine(plan, quota)
+        limits = Limits.combine(default_plan())
+    else:
+        values = rows[0][1:]
+        quota = SimpleNamespace(**dict(zip(QUOTA_FIELDS, values[:len(QUOTA_FIELDS)])))
+        plan = SimpleNamespace(**dict(zip(LIMIT_FIELDS, values[len(QUOTA_FIELDS):])))
+        limits = Limits.combine(plan, quota)
+    if key_id is None:
+        return limits
+    rows = with_pool_columns(ApiKey.objects.filter(pk=key_id)).values_list("id", *KEY_COLUMNS)
+    return key_limits(limits, dict(zip(("id", *KEY_COLUMNS), rows[0]))) if rows else limits
+
+
+# What a key adds to its user's limits: its models, its spend limits, its team's pool and the member's cap in it (the
+# membership by a subquery, so that authentication still reads the key in one statement).
+KEY_COLUMNS = ("allowed_models", "prefix", "budget_per_day", "budget_per_month", "team_id", "team__name",
+               "team__timezone", "team__tokens_per_day", "team__tokens_per_month", "team__budget_per_day",
+               "team__budget_per_month", "member_id", "member_budget_per_day", "member_budget_per_month")
+
+
+def with_pool_columns(keys):
+    """`keys` (an ApiKey queryset) annotated with the key's membership in its team (member_*)."""
+    membership = TeamMembership.objects.filter(team_id=OuterRef("team_id"), user_id=OuterRef("user_id"))
+    return keys.annotate(**{f"member_{name}": Subquery(membership.values(name)[:1])
+                            for name in ("id", "budget_per_day", "budget_per_month")})
+
+
+def key_limits(limits: Limits, key: dict) -> Limits:
+    """The user's `limits` for a request with the key whose KEY_COLUMNS (and id) are `key`: narrowed to the key's
+    models, with the key's pools. A key that names a team its user is no longer in keeps no team pool here:
+    authentication refuses it (keys.authenticate)."""
+    pools = []
+    if key["budget_per_day"] is not None or key["budget_per_month"] is not None:
+        pools.append(Pool("key", key["id"], key["prefix"], limits.timezone,
+                          budget_per_day=as_nanos(key["budget_per_day"]),
+                          budget_per_month=as_nanos(key["budget_per_month"])))
+    if key["team_id"] is not None and key["member_id"] is not None:
+        team = {name: key[f"team__{name}"] for name in ("name", "timezone", "tokens_per_day", "tokens_per_month")}
+        pools.append(Pool("team", key["team_id"], team["name"], team["timezone"], team["tokens_per_day"],
+                          team["tokens_per_month"], as_nanos(key["team__budget_per_day"]),
+                          as_nanos(key["team__budget_per_month"])))
+        if key["member_budget_per_day"] is not None or key["member_budget_per_month"] is not None:
+            pools.append(Pool("member", key["team_id"], team["name"], team["timezone"],
+                              budget_per_day=as_nanos(key["member_budget_per_day"]),
+                              budget_per_month=as_nanos(key["member_budget_per_month"])))
+    return limits.narrowed_to(key["allowed_models"]).with_pools(pools)
 
 
 limits_of = database(caller_limits)
@@ -79,8 +121,7 @@ def _ledger_state(user_id, window, now_dt):
     (unpriced rows have neither: they count nothing)."""
     charged, reserved = ("charged_nanos", "reserved_nanos") if window.is_money else ("charged_tokens",
                                                                                     "reserved_tokens")
-    rows = Usage.objects.filter(user_id=user_id, counted=True)
-    rows = rows.filter(day=window.start.date()) if window.period == "day" else rows.filter(month=window.key)
+    rows = _window_rows(user_id, window)
     # A settled row counts what it was charged (a provider may report more than the windows allowed: the ledger keeps
     # the report, the windows the charge).
     finished = rows.exclude(status=Usage.Status.STREAMING).aggregate(tokens=Sum(charged, default=0))
@@ -90,3 +131,17 @@ def _ledger_state(user_id, window, now_dt):
     running = rows.filter(status=Usage.Status.STREAMING, heartbeat_at__gte=alive_since)
     leases = {request_id: amount or 0 for request_id, amount in running.values_list("request_id", reserved)}
     return finished["tokens"], leases
+
+
+def _window_rows(user_id, window):
+    """The ledger rows a window counts. The user's: by the row's day or month (in the user's zone at admission),
+    except those an operator's reset took out (`counted`). A pool's (the key's, the team's, the member's cap): by the
+    time the row started, within the window (a row starts at the instant its lease's windows were chosen)."""
+    if window.owner == "user":
+        rows = Usage.objects.filter(user_id=user_id, counted=True)
+        return rows.filter(day=window.start.date()) if window.period == "day" else rows.filter(month=window.key)
+    rows = Usage.objects.filter(started_at__gte=window.start, started_at__lt=window.end)
+    if window.owner == "key":
+        return rows.filter(api_key_id=window.owner_id)
+    rows = rows.filter(team_id=window.owner_id)
+    return rows if window.owner == "team" else rows.filter(user_id=user_id)

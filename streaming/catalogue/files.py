@@ -37,7 +37,9 @@ MODEL = (("name", "name", str), ("aliases", "aliases", list), ("context_length",
          ("field_rules", "field_rules", dict), ("enabled", "enabled", bool))
 DEPLOYMENT = (("provider", "provider", str), ("model", "upstream_model", str), ("weight", "weight", int),
               ("priority", "priority", int), ("enabled", "enabled", bool))
-PRICE_RATES = ("input", "cached_input", "output", "reasoning")
+# A rate left out of a price's entry is empty (cached_input, cache_write, reasoning): a file written before a rate
+# existed imports as it did.
+PRICE_RATES = ("input", "cached_input", "cache_write", "output", "reasoning")
 KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
          dict: "a mapping"}
 

@@ -136,6 +136,10 @@ class ModelPrice(models.Model):
                                        validators=[MinValueValidator(0)],
                                        help_text="Per million prompt tokens read from the provider's cache; empty: "
                                                  "the input price.")
+    cache_write = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True,
+                                      validators=[MinValueValidator(0)],
+                                      help_text="Per million prompt tokens written to the provider's cache; empty: "
+                                                "billed at the input rate.")
     output = models.DecimalField(max_digits=12, decimal_places=6, validators=[MinValueValidator(0)],
                                  help_text="Per million completion tokens.")
     reasoning = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True,

@@ -119,7 +119,7 @@ def from_records(providers, models, deployments, prices=()) -> Catalogue:
     for price in sorted(prices, key=lambda p: p.effective_from):
         by_price.setdefault(price.model_id, []).append((price.effective_from.timestamp(), Price(
             input=price.input, output=price.output, cached_input=price.cached_input, reasoning=price.reasoning,
-            id=price.pk)))
+            cache_write=price.cache_write, id=price.pk)))
     keys = {provider.pk: _api_key(provider) for provider in providers}
     by_model = {}
     for deployment in deployments:

@@ -10,7 +10,7 @@ PROVIDER_FIELDS = ("name", "base_url", "api_key_env", "key_source", "token_limit
                    "connect_timeout", "first_token_timeout", "enabled")
 MODEL_FIELDS = ("name", "aliases", "context_length", "field_rules", "enabled")
 DEPLOYMENT_FIELDS = ("model", "provider", "upstream_model", "weight", "priority", "enabled")
-PRICE_FIELDS = ("model", "effective_from", "input", "cached_input", "output", "reasoning")
+PRICE_FIELDS = ("model", "effective_from", "input", "cached_input", "cache_write", "output", "reasoning")
 KEY_REPLACED = "stored (encrypted): replaced"
 
 

@@ -239,7 +239,7 @@ class PriceInline(admin.TabularInline):
     it used (docs/quotas.md, "Money")."""
 
     model = ModelPrice
-    fields = ["effective_from", "input", "cached_input", "output", "reasoning"]
+    fields = ["effective_from", "input", "cached_input", "cache_write", "output", "reasoning"]
     extra = 0
     can_delete = False
     verbose_name_plural = (f"prices per million tokens, in {settings.SLUICE_CURRENCY} (a change is a new price from "

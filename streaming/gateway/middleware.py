@@ -16,6 +16,7 @@ from quotas.domain.exceptions import CounterStoreDown, QuotaRefusal, Suspended
 from quotas.domain.leases import quota_status
 from quotas.domain.policy import Limits
 from quotas.domain.selectors import limits_of
+from streaming import budgets
 from streaming.errors import api_error, duration
 from streaming.gateway.intake import KEY_HOLDER, REQUEST_ID, new_request_id
 from streaming.telemetry import metrics
@@ -124,12 +125,19 @@ class ThrottleMiddleware:
         if "x-ratelimit-remaining-tokens" in response:  # set by the completion, from its lease
             return
         try:
-            status = await quota_status(caller.user_id, limits)
+            status = await quota_status(caller.user_id, limits, money=_has_money(limits))
         except CounterStoreDown:
             return
         day = status["day"]
         response["x-ratelimit-remaining-tokens"] = str(day["remaining"])
         response["x-ratelimit-reset-tokens"] = duration(day["reset_seconds"])
+        budgets.set_headers(response, budgets.tightest(budgets.status_entries(status)))
+
+
+def _has_money(limits) -> bool:
+    """Whether the caller has a money window (a budget of the user's or a pool's): only then are they read."""
+    return (limits.budget_per_day is not None or limits.budget_per_month is not None
+            or any(p.budget_per_day is not None or p.budget_per_month is not None for p in limits.pools))
 
 
 def _identified(response, request_id):

@@ -11,6 +11,7 @@ from django.http import HttpResponse, JsonResponse
 from quotas.domain import admission
 from quotas.domain.exceptions import ModelNotAllowed
 from quotas.domain.leases import quota_status
+from streaming import budgets
 from streaming.catalogue import registry
 from streaming.catalogue.routing import sticky_key
 from streaming.errors import MAPPED, ApiError, api_error, not_found
@@ -124,13 +125,16 @@ async def model(request, model):
 async def quota(request):
     caller = request.sluice
     limits = caller.limits
-    windows = await quota_status(caller.user_id, limits)
+    status = await quota_status(caller.user_id, limits, money=True)
     rate = await admission.peek_rate(caller.user_id, limits, time.time())
+    tokens = {name: {k: v for k, v in entry.items() if k not in ("owner", "owner_name", "money")}
+              for name, entry in status.items() if name in ("day", "month")}
     return JsonResponse({
         "object": "quota",
         "suspended": limits.suspended,
         "timezone": limits.timezone,
-        "tokens": windows,
+        "tokens": tokens,
+        **budgets.quota_document(status),
         "requests": {"limit_per_minute": limits.requests_per_minute,
                      "remaining": rate.remaining if rate else None,
                      "reset_seconds": round(rate.reset_seconds, 3) if rate else None},

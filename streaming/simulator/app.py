@@ -68,9 +68,11 @@ class Control:
     seed: int = 0
     style: str = "plain"  # STYLES: "plain" (the fixed words) or "demo" (demo.py's answers, at a person's pace)
     # The Responses API's usage details (formats.py): hidden reasoning tokens on top of the answer's (as OpenAI's
-    # reasoning models report them), and prompt tokens reported as read from the provider's cache.
+    # reasoning models report them), prompt tokens reported as read from the provider's cache, and prompt tokens
+    # reported as written to it (`cache_write_tokens`, OpenRouter's name, only when set: OpenAI reports none).
     reasoning_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ class Responses:
         self.id, self.created = f"resp_{record_id}", int(time.time())
         self.message_id, self.reasoning_id = f"msg_{record_id}", f"rs_{record_id}"
         self.reasoning_tokens, self.cached_tokens = control.reasoning_tokens, control.cached_tokens
+        self.cache_write_tokens = control.cache_write_tokens
         self.previous = request.get("previous_response_id")
         self.sequence = 0
         self.prompt_tokens = None  # app.py counts the messages
@@ -119,8 +120,11 @@ class Responses:
 
     def _usage(self, completion_tokens):
         output = completion_tokens + self.reasoning_tokens
-        return {"input_tokens": self.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": min(self.cached_tokens, self.prompt_tokens)},
+        cached = min(self.cached_tokens, self.prompt_tokens)
+        details = {"cached_tokens": cached}
+        if self.cache_write_tokens:  # part of the prompt's count, as the cached tokens are
+            details["cache_write_tokens"] = min(self.cache_write_tokens, self.prompt_tokens - cached)
+        return {"input_tokens": self.prompt_tokens, "input_tokens_details": details,
                 "output_tokens": output, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": self.prompt_tokens + output}
 

@@ -33,6 +33,7 @@ from quotas.domain.money import cost_nanos
 from quotas.domain.policy import estimate_prompt_tokens
 from quotas.domain.recovery import reaper
 from quotas.models import Usage
+from streaming import budgets
 from streaming.catalogue.routing import Route
 from streaming.errors import duration
 from streaming.provider import retries
@@ -73,7 +74,8 @@ class Completion:
         self.request_id = caller.request_id
         self.started = time.monotonic()
         # With the model's price, the user's money budgets are leased too (docs/quotas.md, "Money").
-        self.lease = TokenLease(caller.user_id, caller.limits, self.request_id, timezone.now(), self.route.price)
+        self.lease = TokenLease(caller.user_id, caller.limits, self.request_id, timezone.now(), self.route.price,
+                                key_id=caller.api_key_id)
         self.slot_key = None
         self.row = None  # the ledger row, inserted at admission (or, for a refusal before that, at settlement)
         self.relay = None
@@ -130,7 +132,8 @@ class Completion:
             model=self.route.name or chat.model,
             stream=chat.stream, reserved_tokens=prompt_tokens + completion_budget,
             reserved_nanos=self.lease.reserved_nanos(prompt_tokens, completion_budget), price=self.route.price,
-            windows=self.lease.windows)
+            windows=self.lease.windows, team_id=team.id if (team := limits.pool("team")) else None,
+            started_at=self.lease.started_at)
         self.row.prompt_tokens = prompt_tokens
         metrics.SETTLING.inc()
         reaper.ensure_running()
@@ -193,7 +196,8 @@ class Completion:
         if reported:
             usage = read_usage(reported_usage)
             prompt_tokens, completion_tokens = usage.prompt_tokens, usage.completion_tokens
-            details = {"cached_tokens": usage.cached_tokens, "reasoning_tokens": usage.reasoning_tokens}
+            details = {"cached_tokens": usage.cached_tokens, "reasoning_tokens": usage.reasoning_tokens,
+                       "cache_write_tokens": usage.cache_write_tokens}
         else:
             # Interrupted: the prompt as estimated, the completion as metered — never the maximum.
             prompt_tokens = lease.prompt_tokens if charge_prompt else 0
@@ -205,7 +209,7 @@ class Completion:
                   "deployment": self.served_by.name if self.served_by else "", **details}
         if (price := self.route.price) is not None:
             cost = cost_nanos(price, prompt_tokens, completion_tokens, details.get("cached_tokens"),
-                              details.get("reasoning_tokens"))
+                              details.get("reasoning_tokens"), details.get("cache_write_tokens"))
             # The money windows are charged the cost as far as the lease holds it: never past a budget.
             fields.update(cost_nanos=cost, price=price.as_record(), charged_nanos=lease.charges(charged, cost)[1])
         ttft = None
@@ -324,8 +328,13 @@ class Completion:
         """OpenAI's token headers, from the lease taken at admission (the gateway adds the request headers)."""
         lease = self.lease
         if lease.remaining is not None:
+            now = timezone.now()
             response["x-ratelimit-remaining-tokens"] = str(lease.remaining)
-            response["x-ratelimit-reset-tokens"] = duration(lease.windows[0].seconds_left(timezone.now()))
+            response["x-ratelimit-reset-tokens"] = duration(lease.windows[0].seconds_left(now))
+            # The money window with the least left after the admission's lease (docs/api.md, "Budgets").
+            budgets.set_headers(response, budgets.tightest(
+                (f"{w.owner}:{w.period}", spec.limit, units, w.seconds_left(now))
+                for w, spec, units in zip(lease.windows, lease.specs, lease.remaining_units) if w.is_money))
         return response
 
 

@@ -5,6 +5,7 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from decimal import Decimal
 
 import httpx2
 import pytest
@@ -14,11 +15,15 @@ from django.utils import timezone
 from quotas.domain import alerts, outbox
 from quotas.domain.exceptions import CounterStoreDown
 from quotas.domain.leases import TokenLease
-from quotas.domain.policy import Limits, calendar_windows
-from quotas.models import AlertEvent, AlertRule, Outbox
+from quotas.domain.money import NANOS, Price, cost_nanos
+from quotas.domain.policy import Limits, Pool, calendar_windows
+from quotas.models import AlertEvent, AlertRule, Outbox, Team, TeamMembership
+from tests.quotas.domain.test_teams import make_team, priced_model, run_team_streams
 from tests.support.gateways import eventually, gateway_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+__all__ = ["priced_model"]  # a fixture, used by name
 
 BIG = 10**9
 
@@ -276,3 +281,173 @@ def test_two_gateway_processes_on_one_redis_alert_once(make_user, redis_url):
     assert 429 in statuses and statuses.count(200) >= 6
     assert AlertEvent.objects.count() == 1
     assert Outbox.objects.count() == 1
+
+
+# Money windows and team pools ---------------------------------------------------------------------------------------
+
+# 10,000 per million tokens, input and output alike: a token costs 0.01 (10⁷ nanos), so 1,000 tokens spend 10.00.
+CENT_A_TOKEN = Price(input=Decimal("10000"), output=Decimal("10000"))
+CENT = NANOS // 100
+
+
+def money_limits(budget_month=None, pools=()):
+    """Token limits far away; a monthly budget (in nanos) if given; the key's pools (a team's)."""
+    return Limits(tokens_per_day=BIG, tokens_per_month=BIG, requests_per_minute=60, concurrent_streams=100,
+                  max_tokens_per_request=4096, allowed_models=(), budget_per_month=budget_month, pools=tuple(pools))
+
+
+def team_pool(team):
+    return Pool("team", team.pk, team.name, team.timezone, team.tokens_per_day, team.tokens_per_month,
+                budget_per_month=None if team.budget_per_month is None else int(team.budget_per_month * NANOS))
+
+
+async def spend(user_id, plan, cents, holder, now=None, held_cents=None):
+    """One priced request that costs `cents` (prompt tokens at a cent each), settled: it leases `held_cents` (more
+    than it costs: a completion budget it does not use, given back at settlement)."""
+    lease = TokenLease(user_id, plan, holder, now or timezone.now(), CENT_A_TOKEN)
+    extra = (held_cents or cents) - cents
+    await lease.admit(prompt_tokens=cents, requested_max=extra or 1, stream=False)
+    await lease.settle(cents, cost_nanos(CENT_A_TOKEN, cents, 0))
+    return lease
+
+
+def test_a_budget_crossing_50_and_80_percent_fires_each_once_in_the_currency(make_user, settings):
+    settings.SLUICE_CURRENCY = "USD"
+    caller = make_user()
+    user_rule(caller.user, thresholds=[50, 80, 90], windows=["money_month"])
+    uid, plan = caller.user.pk, money_limits(budget_month=10 * NANOS)
+
+    async def scenario():
+        await spend(uid, plan, 600, "req_1")  # 6.00 of 10.00: 50 %
+        await spend(uid, plan, 220, "req_2")  # 8.20: 80 %
+        # 8.30, though it held 9.20 until it settled: what it gave back does not count (90 % does not fire).
+        await spend(uid, plan, 10, "req_3", held_cents=100)
+        alerts.reset()  # another process: the database remembers
+        await spend(uid, plan, 10, "req_4")  # 8.40
+
+    asyncio.run(scenario())
+    events = list(AlertEvent.objects.order_by("threshold"))
+    month = calendar_windows(plan, timezone.now())[1].key
+    assert [(e.threshold, e.scope, e.window_key, e.used, e.limit) for e in events] == [
+        (50, f"user:{uid}", f"money_month:{month}", 600 * CENT, 10 * NANOS),
+        (80, f"user:{uid}", f"money_month:{month}", 820 * CENT, 10 * NANOS)]
+    assert "6.00 of 10.00 USD" in events[0].message and "8.20 of 10.00 USD" in events[1].message
+    assert "of the monthly budget" in events[1].message
+    first, second = (d.payload for d in Outbox.objects.order_by("id"))
+    assert first["subject"] == f"[Sluice] {caller.user.username}: 50 % of the monthly budget"
+    assert "8.20 of 10.00 USD" in second["body"]
+
+
+def test_a_team_rule_fires_once_when_members_settle_past_80_percent_at_once_on_two_event_loops(make_user):
+    """50 members' streams settle at once, 25 on each of two event loops (threads), most of them past 80 % of the team's
+    monthly budget: one event, one delivery per channel. Everyone's rule watches the members' own windows, not the
+    pool's: it fires nothing."""
+    team = Team.objects.create(name="ml", budget_per_month=Decimal("10"))
+    members = [make_user() for _ in range(3)]
+    for member in members:
+        TeamMembership.objects.create(team=team, user=member.user)
+    rule = AlertRule.objects.create(name="ml budget", kind="team", team=team, thresholds=[80], windows=["money_month"],
+                                    emails=["ml-leads@example.com"], webhook_url="http://127.0.0.1:9/hook")
+    AlertRule.objects.create(name="everyone's", kind="everyone", thresholds=[1], emails=["ops@example.com"])
+    plan = money_limits(pools=[team_pool(team)])
+    ids = [m.user.pk for m in members]
+
+    async def admit_all():
+        big = TokenLease(ids[0], plan, "req_big", timezone.now(), CENT_A_TOKEN)
+        await big.admit(prompt_tokens=779, requested_max=1, stream=False)  # 7.80 of 10.00
+        streams = [TokenLease(ids[i % 3], plan, f"req_{i}", timezone.now(), CENT_A_TOKEN) for i in range(50)]
+        for lease in streams:
+            await lease.admit(prompt_tokens=1, requested_max=1, stream=False)  # 0.02 each: 8.80 in all
+        return big, streams
+
+    big, streams = asyncio.run(admit_all())
+    barrier = threading.Barrier(2)
+
+    def settle(leases):
+        async def run():
+            barrier.wait(timeout=10)
+            await asyncio.gather(*(lease.settle(lease.held, cost_nanos(CENT_A_TOKEN, lease.held, 0))
+                                   for lease in leases))
+
+        asyncio.run(run())
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(settle, [streams[0::2], streams[1::2]]))
+    asyncio.run(big.settle(big.held, cost_nanos(CENT_A_TOKEN, big.held, 0)))
+
+    (event,) = AlertEvent.objects.all()
+    month = calendar_windows(plan, timezone.now())[1].key
+    assert (event.rule_id, event.scope, event.window_key) == (rule.pk, f"team:{team.pk}", f"money_month:{month}")
+    assert 800 * CENT <= event.used <= 880 * CENT and event.limit == 10 * NANOS
+    assert event.message.startswith("team 'ml' has used") and "of 10.00 USD" in event.message
+    email, webhook = Outbox.objects.order_by("channel")
+    assert (email.target, email.payload["subject"]) == ("ml-leads@example.com",
+                                                        "[Sluice] team 'ml': 80 % of the monthly budget")
+    assert webhook.payload["team"] == {"id": team.pk, "name": "ml"} and webhook.payload["scope"] == f"team:{team.pk}"
+    assert (webhook.payload["unit"], webhook.payload["currency"]) == ("money", "USD")
+    assert webhook.payload["user"]["id"] in ids  # the member whose settlement crossed it
+
+
+def test_a_users_rule_watches_the_users_windows_and_a_teams_rule_the_pools(make_user):
+    """One member spends 60 % of their own budget but 6 % of the pool; another 56 % of the pool but 5 % of their own.
+    Each rule fires for its own scope only."""
+    team = Team.objects.create(name="research", budget_per_month=Decimal("100"))
+    thrifty, spender = make_user(), make_user()
+    thrifty_rule = user_rule(thrifty.user, name="thrifty", thresholds=[50], windows=["money_month"])
+    user_rule(spender.user, name="spender", thresholds=[50], windows=["money_month"])
+    team_rule = AlertRule.objects.create(name="research", kind="team", team=team, thresholds=[50],
+                                         windows=["money_month"], emails=["leads@example.com"])
+    pools = [team_pool(team)]
+
+    async def scenario():
+        await spend(thrifty.user.pk, money_limits(10 * NANOS, pools), 600, "req_thrifty")  # 6.00 of 10, of 100
+        await spend(spender.user.pk, money_limits(1000 * NANOS, pools), 5000, "req_spender")  # 50 of 1,000; 56 of 100
+
+    asyncio.run(scenario())
+    assert sorted(AlertEvent.objects.values_list("rule_id", "scope", "used")) == sorted([
+        (thrifty_rule.pk, f"user:{thrifty.user.pk}", 600 * CENT), (team_rule.pk, f"team:{team.pk}", 5600 * CENT)])
+
+
+def test_a_team_rule_is_armed_again_in_the_next_month(make_user):
+    """The pool's token and money windows alike: each fires once a month, with the month's window key."""
+    team = Team.objects.create(name="infra", tokens_per_month=1000, budget_per_month=Decimal("10"))
+    member = make_user()
+    AlertRule.objects.create(name="infra", kind="team", team=team, thresholds=[80],
+                             windows=["tokens_month", "money_month"], emails=["infra@example.com"])
+    plan = money_limits(pools=[team_pool(team)])
+    now = timezone.now()
+    next_month = (now.replace(day=1) + timedelta(days=32)).replace(day=2)
+
+    async def scenario():
+        await spend(member.user.pk, plan, 850, "req_now", now)  # 850 tokens, 8.50: 85 % of both
+        await spend(member.user.pk, plan, 10, "req_again", now)  # fired already this month
+        await spend(member.user.pk, plan, 850, "req_next", next_month)
+
+    asyncio.run(scenario())
+    this, then = (calendar_windows(plan, when)[1].key for when in (now, next_month))
+    assert sorted(AlertEvent.objects.values_list("window_key", "scope", "used")) == sorted([
+        (f"money_month:{this}", f"team:{team.pk}", 850 * CENT), (f"tokens_month:{this}", f"team:{team.pk}", 850),
+        (f"money_month:{then}", f"team:{team.pk}", 850 * CENT), (f"tokens_month:{then}", f"team:{team.pk}", 850)])
+    assert Outbox.objects.count() == 4
+    assert "850 of 1,000 tokens" in Outbox.objects.filter(event__window_key=f"tokens_month:{this}").get().payload[
+        "body"]
+
+
+def test_members_streaming_through_two_gateway_processes_alert_the_team_once(priced_model, redis_url, make_user):
+    """The team's pool spent by three members' streams at once over two processes on one Redis: its 80 % fires once
+    across them (the unique constraint), and the members' own rules nothing (their windows are far from it)."""
+    budget = 8_000_000  # nanos; a stream of 40 tokens costs 168,000, so 50 of them spend it all
+    team, people = make_team(make_user, budget_per_month=Decimal(budget) / NANOS)
+    rule = AlertRule.objects.create(name="pool", kind="team", team=team, thresholds=[80], windows=["money_month"],
+                                    emails=["leads@example.com"])
+    for person in people:
+        user_rule(person.user, name=f"own {person.user.pk}", thresholds=[50])
+    with gateway_server(REDIS_URL=redis_url) as first, gateway_server(REDIS_URL=redis_url) as second:
+        for gateway in (first, second):
+            gateway.control(tokens_per_second=400, default_tokens=40)
+        run_team_streams([first, second], [p.team_key for p in people], 50, 40)
+        eventually(lambda: first.unsettled() == 0 and second.unsettled() == 0)
+    (event,) = AlertEvent.objects.all()
+    assert (event.rule_id, event.threshold, event.scope, event.limit) == (rule.pk, 80, f"team:{team.pk}", budget)
+    (delivery,) = Outbox.objects.all()
+    assert delivery.event_id == event.pk and f"team '{team.name}'" in delivery.payload["subject"]

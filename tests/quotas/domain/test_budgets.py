@@ -54,9 +54,13 @@ async def consume(client, max_tokens, streaming=None):
         return received, error.code, error.message
 
 
-def run_streams(gateways, key, count, max_tokens):
+def run_streams(gateways, keys, count, max_tokens):
+    """`count` streams at once, round-robin over the gateways and `keys` (one key, or several)."""
+    keys = [keys] if isinstance(keys, str) else keys
+
     async def run():
-        clients = [openai.AsyncOpenAI(base_url=g.api_url, api_key=key, max_retries=0, timeout=60) for g in gateways]
+        clients = [openai.AsyncOpenAI(base_url=g.api_url, api_key=key, max_retries=0, timeout=60)
+                   for key in keys for g in gateways]
         try:
             return await asyncio.gather(*(consume(clients[i % len(clients)], max_tokens) for i in range(count)))
         finally:

@@ -343,3 +343,36 @@ def test_prices_are_added_never_changed_and_left_alone_by_prune(tmp_path):
                           ("models[0].prices[0].from: required", "from: 'yesterday'")):
         broken = FULL.replace("input: '0.25'" if "input" in text else "from: '2026-01-01T00:00:00Z'", text)
         assert problem in refused(write(tmp_path, broken, "broken.yaml"))
+
+
+# A price with a cache-write rate, as Anthropic bills its models (through OpenRouter here).
+CACHE_WRITES = EXAMPLE + """\
+    prices:
+      - {from: '2026-01-01T00:00:00Z', input: '3', cached_input: '0.3', cache_write: '3.75', output: '15'}
+"""
+
+
+def test_a_cache_write_rate_round_trips(tmp_path):
+    catalogue("import", write(tmp_path, CACHE_WRITES))
+    price = ModelPrice.objects.get()
+    assert (price.input, price.cached_input, price.cache_write, price.output, price.reasoning) == (
+        Decimal("3"), Decimal("0.3"), Decimal("3.75"), Decimal("15"), None)
+    assert registry.current_sync().model("qwen3-32b").price_at(time.time()).cache_write == Decimal("3.75")
+    exported = catalogue("export")
+    assert exported.endswith(CACHE_WRITES)  # the rates in the file's order: export writes them so
+    assert catalogue("import", "-", stdin=exported).endswith("0 updated, 6 unchanged, 0 deleted\n")
+    assert json.loads(catalogue("export", "-", "--format", "json"))["models"][0]["prices"][0]["cache_write"] == "3.75"
+    # Like any rate, it is never changed at the same time, and must be a number.
+    message = refused(write(tmp_path, CACHE_WRITES.replace("cache_write: '3.75'", "cache_write: '4'"), "changed.yaml"))
+    assert "models[0].prices[0]: the price from 2026-01-01T00:00:00Z differs from the stored one" in message
+    broken = write(tmp_path, CACHE_WRITES.replace("'3.75'", "'-1'").replace("2026-01", "2027-01"), "broken.yaml")
+    assert "models[0].prices[0].cache_write: must be a number ≥ 0" in refused(broken)
+
+
+def test_a_file_written_before_cache_write_rates_imports_as_it_did(tmp_path):
+    catalogue("import", write(tmp_path, FULL))
+    assert [price.cache_write for price in ModelPrice.objects.all()] == [None, None]
+    # Billed at the input rate; exported without the key, so the file is unchanged.
+    price = registry.current_sync().model("gpt-5-mini").price_at(time.time())
+    assert price.cache_write is None and price.per_token("cache_write") == price.per_token("input")
+    assert catalogue("export") == FULL

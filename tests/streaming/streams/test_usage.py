@@ -24,3 +24,29 @@ def test_whatever_a_provider_sends_is_a_count():
                        "completion_tokens_details": "none"}) == ReportedUsage(0, 0, 0, None)
     assert read_usage({"input_tokens": 1, "output_tokens_details": {"reasoning_tokens": 10**12}}).reasoning_tokens \
         == 2**31 - 1
+
+
+def test_cache_writes_in_openrouters_and_anthropics_words():
+    # OpenRouter: a detail of the prompt's, beside the cached tokens.
+    openrouter = read_usage({"prompt_tokens": 1200, "completion_tokens": 40,
+                             "prompt_tokens_details": {"cached_tokens": 800, "cache_write_tokens": 300}})
+    assert openrouter == ReportedUsage(1200, 40, 800, None, 300)
+    # LiteLLM and others pass Anthropic's field on at the top of the usage.
+    litellm = read_usage({"prompt_tokens": 1200, "completion_tokens": 40, "cache_creation_input_tokens": 300,
+                          "cache_read_input_tokens": 800, "prompt_tokens_details": {"cached_tokens": 800}})
+    assert litellm == ReportedUsage(1200, 40, 800, None, 300)
+    # Both at once are the same count, not two parts.
+    both = {"prompt_tokens": 9, "cache_creation_input_tokens": 4, "prompt_tokens_details": {"cache_write_tokens": 4}}
+    assert read_usage(both).cache_write_tokens == 4
+    assert read_usage({"prompt_tokens": 9, "completion_tokens": 1}).cache_write_tokens is None
+
+
+def test_cache_writes_in_the_responses_api():
+    usage = read_usage({"input_tokens": 30, "output_tokens": 9,
+                        "input_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 15}})
+    assert usage == ReportedUsage(30, 9, 10, None, 15)
+    # Beside `input_tokens`, Anthropic's name is its own usage (whose input tokens leave the writes out): not read.
+    assert read_usage({"input_tokens": 30, "output_tokens": 9, "cache_creation_input_tokens": 15}) \
+        == ReportedUsage(30, 9, None, None, None)
+    assert read_usage({"input_tokens": 1, "input_tokens_details": {"cache_write_tokens": 10**12}}) \
+        .cache_write_tokens == 2**31 - 1
