@@ -18,7 +18,8 @@ from quotas.domain.leases import TokenLease
 from quotas.domain.money import NANOS, Price, cost_nanos
 from quotas.domain.policy import Limits, Pool, calendar_windows
 from quotas.models import AlertEvent, AlertRule, Outbox, Team, TeamMembership
-from tests.quotas.domain.test_teams import make_team, priced_model, run_team_streams
+from tests.quotas.domain.test_budgets import run_streams
+from tests.quotas.domain.test_teams import make_team, priced_model
 from tests.support.gateways import eventually, gateway_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -445,7 +446,7 @@ def test_members_streaming_through_two_gateway_processes_alert_the_team_once(pri
     with gateway_server(REDIS_URL=redis_url) as first, gateway_server(REDIS_URL=redis_url) as second:
         for gateway in (first, second):
             gateway.control(tokens_per_second=400, default_tokens=40)
-        run_team_streams([first, second], [p.team_key for p in people], 50, 40)
+        run_streams([first, second], [p.team_key for p in people], 50, 40)
         eventually(lambda: first.unsettled() == 0 and second.unsettled() == 0)
     (event,) = AlertEvent.objects.all()
     assert (event.rule_id, event.threshold, event.scope, event.limit) == (rule.pk, 80, f"team:{team.pk}", budget)
