@@ -66,6 +66,36 @@
 
   const tokens = (n) => `${number(n)} token${n === 1 ? "" : "s"}`;
 
+  // Money comes as exact decimal strings of plan.currency (JSON numbers would round them). Intl formats the string
+  // itself, not a float of it, with the currency's own decimals (2 for USD) and up to 6 (a cheap answer costs
+  // fractions of a cent), truncated: what is left is never shown as more than it is.
+  const moneyFormats = new Map();
+  function moneyFormat(currency) {
+    if (!moneyFormats.has(currency)) {
+      let digits = 2;
+      try {
+        digits = new Intl.NumberFormat(undefined, { style: "currency", currency }).resolvedOptions().minimumFractionDigits;
+      } catch { /* not a currency Intl knows: 2 decimals */ }
+      moneyFormats.set(currency, new Intl.NumberFormat(undefined, {
+        minimumFractionDigits: digits, maximumFractionDigits: Math.max(digits, 6), roundingMode: "trunc" }));
+    }
+    return moneyFormats.get(currency);
+  }
+
+  // An amount without its currency: "3.75"; a negative one (a limit lowered mid-period) as 0; one too small for 6
+  // decimals as "< 0.000001", never as 0 — something is still there.
+  function amount(value) {
+    const format = moneyFormat(plan.currency);
+    const n = Number(value);
+    if (!(n > 0)) return format.format(0);
+    return n < 1e-6 ? `< ${format.format("0.000001")}` : format.format(value);
+  }
+
+  const money = (value) => `${amount(value)} ${plan.currency}`;
+
+  // A window's colour from its share used: amber from 80 %, red from 95 %.
+  const level = (share) => share >= 0.95 ? "critical" : share >= 0.8 ? "warn" : "ok";
+
   // ---- The quota meter, the plan's controls and the banner ---------------------------------------------------------
 
   function showWindow(scope, window) {
@@ -75,22 +105,59 @@
     $(`${scope}-limit`).textContent = number(window.limit);
     $(`${scope}-left`).textContent = number(window.remaining);
     $(`${scope}-reset`).textContent = resetText(window);
-    const share = window.limit > 0 ? window.used / window.limit : 1;
-    $(`${scope}-window`).dataset.level = share >= 0.95 ? "critical" : share >= 0.8 ? "warn" : "ok";
+    $(`${scope}-window`).dataset.level = level(window.limit > 0 ? window.used / window.limit : 1);
   }
 
-  // A warning before a window runs out (80 % used or more, something left): which one, how much is left, when it
-  // resets. A spent window is the banner's (showBanner), not this note's.
-  function showNearLimit(windows) {
-    const near = [["today's", windows.day], ["this month's", windows.month]]
-      .filter(([, w]) => w.limit > 0 && w.remaining > 0 && w.used / w.limit >= 0.8)
-      .sort(([, a], [, b]) => a.remaining / a.limit - b.remaining / b.limit)[0];
+  // A budget's meter, in money: hidden while the plan sets no budget for the period (a later answer may drop it).
+  function showBudget(period, window) {
+    const box = $(`budget-${period}-window`);
+    box.hidden = !window;
+    if (!window) return;
+    const limit = Number(window.limit), used = Number(window.used);
+    const share = limit > 0 ? used / limit : 1;
+    $(`budget-${period}-meter`).value = Math.min(1, share);  // max is 1: the share, not the amounts
+    $(`budget-${period}-used`).textContent = amount(window.used);
+    $(`budget-${period}-limit`).textContent = amount(window.limit);
+    $(`budget-${period}-left`).textContent = amount(window.remaining);
+    box.querySelector(".currency").textContent = plan.currency;
+    $(`budget-${period}-reset`).textContent = resetText(window);
+    box.dataset.level = level(share);
+  }
+
+  const PERIODS = [["day", "today's"], ["month", "this month's"]];
+
+  // The windows the page meters, in one shape for the note, the banner and the refusals: the token windows, then
+  // the budgets the plan sets. `what` names one in a sentence ("today's tokens", "this month's budget"); `left` says
+  // what is left of it ("9 tokens", "0.80 USD").
+  function meteredWindows() {
+    if (!plan) return [];
+    const found = PERIODS.map(([period, name]) => {
+      const w = plan.tokens[period];
+      return { period, money: false, what: `${name} tokens`, window: w, limit: w.limit, used: w.used,
+               remaining: w.remaining, left: tokens(w.remaining) };
+    });
+    for (const [period, name] of PERIODS) {
+      const w = plan.budget && plan.budget[period];
+      if (w) {
+        found.push({ period, money: true, what: `${name} budget`, window: w, limit: Number(w.limit),
+                     used: Number(w.used), remaining: Number(w.remaining), left: money(w.remaining) });
+      }
+    }
+    return found;
+  }
+
+  // A warning before a window runs out (80 % used or more, something left): of the token windows and the budgets,
+  // the one with the smallest share left; how much is left, when it resets. A spent window is the banner's
+  // (showBanner), not this note's.
+  function showNearLimit() {
+    const near = meteredWindows()
+      .filter((w) => w.limit > 0 && w.remaining > 0 && w.used / w.limit >= 0.8)
+      .sort((a, b) => a.remaining / a.limit - b.remaining / b.limit)[0];
     const note = $("near-limit");
     note.hidden = !near;
     if (near) {
-      const [name, w] = near;
-      note.textContent = `You have used ${Math.floor((w.used / w.limit) * 100)} % of ${name} tokens: `
-        + `${tokens(w.remaining)} left. ${resetText(w)}.`;
+      note.textContent = `You have used ${Math.floor((near.used / near.limit) * 100)} % of ${near.what}: `
+        + `${near.left} left. ${resetText(near.window)}.`;
     }
   }
 
@@ -120,7 +187,8 @@
     plan = await response.json();
     showWindow("day", plan.tokens.day);
     showWindow("month", plan.tokens.month);
-    showNearLimit(plan.tokens);
+    for (const [period] of PERIODS) showBudget(period, plan.budget && plan.budget[period]);
+    showNearLimit();
     const requests = plan.requests;
     $("requests-left").textContent = requests.remaining == null ? ""
       : `${number(requests.remaining)} of ${number(requests.limit_per_minute)} requests left this minute`;
@@ -142,12 +210,17 @@
     }
   }
 
-  // A window with nothing left: of those, the one that resets last (nothing can be sent before it does).
+  // Of `windows`, the one that resets last (nothing can be sent before it does).
+  const lastToReset = (windows) => windows.sort((a, b) => b.window.reset_seconds - a.window.reset_seconds)[0] || null;
+
+  // A window with nothing left, tokens or money: of those, the one that resets last.
   function spentWindow() {
-    const tokens = plan && plan.tokens;
-    if (!tokens) return null;
-    const spent = [["today's", tokens.day], ["this month's", tokens.month]].filter(([, w]) => w.remaining <= 0);
-    return spent.sort(([, a], [, b]) => b.reset_seconds - a.reset_seconds)[0] || null;
+    return lastToReset(meteredWindows().filter((w) => w.remaining <= 0));
+  }
+
+  // What a spent window says after "you've": "used all of today's tokens", "spent all of today's budget (5.00 USD)".
+  function spentText(spent) {
+    return spent.money ? `spent all of ${spent.what} (${money(spent.window.limit)})` : `used all of ${spent.what}`;
   }
 
   // Why Send is held, if it is: a suspension, a spent quota or a rate limit's countdown (one banner, never a pile).
@@ -157,7 +230,8 @@
     if (plan && plan.suspended) {
       text = explain("account_suspended");
     } else if (spent) {
-      text = `You've used all of ${spent[0]} tokens, so you can't send until they reset. ${resetText(spent[1])}.`;
+      const until = spent.money ? "it resets" : "they reset";
+      text = `You've ${spentText(spent)}, so you can't send until ${until}. ${resetText(spent.window)}.`;
     } else if (waitUntil > Date.now()) {
       text = waitMessage;
       wait = `Try again in ${inTime((waitUntil - Date.now()) / 1000)}.`;
@@ -187,20 +261,33 @@
 
   // ---- Human messages for every refusal ----------------------------------------------------------------------------
 
-  // The window that refused: the one with the fewest tokens left.
-  function tightestWindow() {
-    const tokens = plan && plan.tokens;
-    if (!tokens) return null;
-    return tokens.day.remaining <= tokens.month.remaining ? ["today's", tokens.day] : ["this month's", tokens.month];
+  // The budget a refusal's message names ("You exceeded your daily budget (USD)."): "day", "month" or null.
+  function namedBudget(serverMessage) {
+    const named = /\b(daily|monthly) budget\b/.exec(serverMessage || "");
+    return named && (named[1] === "daily" ? "day" : "month");
   }
 
-  function quotaMessage(prefix) {
-    const tightest = tightestWindow();
-    if (!tightest) return `${prefix} your token quota is used up.`;
-    const [name, window] = tightest;
-    const left = window.remaining > 0
-      ? `only ${number(window.remaining)} of ${name} tokens are left, too few to continue.`
-      : `you've used all of ${name} tokens.`;
+  // The window that refused: the budget the server's message names, or without a message that names a window a
+  // spent budget (the one that resets last); otherwise the token window with the fewest tokens left.
+  function tightestWindow(serverMessage) {
+    const windows = meteredWindows();
+    if (!windows.length) return null;
+    const budgets = windows.filter((w) => w.money), named = namedBudget(serverMessage);
+    if (named) return budgets.find((w) => w.period === named) || null;  // a budget the page no longer knows
+    const spent = /token quota/.test(serverMessage || "") ? null : lastToReset(budgets.filter((w) => w.remaining <= 0));
+    if (spent) return spent;
+    const [day, month] = windows;
+    return day.remaining <= month.remaining ? day : month;
+  }
+
+  // serverMessage: the refusal's own, which names the window that ran out.
+  function quotaMessage(prefix, serverMessage) {
+    const tightest = tightestWindow(serverMessage);
+    if (!tightest) return `${prefix} your ${namedBudget(serverMessage) ? "budget" : "token quota"} is used up.`;
+    const { what, window } = tightest;
+    const left = tightest.remaining <= 0 ? `you've ${spentText(tightest)}.`
+      : tightest.money ? `only ${tightest.left} of ${what} is left, too few to continue.`
+      : `only ${number(window.remaining)} of ${what} are left, too few to continue.`;
     return `${prefix} ${left} ${resetText(window)}.`;
   }
 
@@ -216,7 +303,7 @@
       return `You already have as many answers streaming as your plan allows${limit}, perhaps in another tab. `
         + "Wait for one to finish, then send again.";
     }
-    if (code === "insufficient_quota") return quotaMessage("Not sent:");
+    if (code === "insufficient_quota") return quotaMessage("Not sent:", serverMessage);
     if (code === "account_suspended") return "Your account is suspended, so you can't chat right now. Contact the operator.";
     if (code === "not_authenticated" || httpStatus === 401) return "Your session has ended. Sign in again to continue.";
     if (code === "model_not_found") return "That model isn't available on your plan. Pick another one.";
@@ -304,7 +391,7 @@
   const ENDINGS = {
     quota: ["warn", "This answer was cut short by your quota: it could only use the tokens left when it was sent."],
     stopped: ["info", "Stopped."],
-    cut: ["error", "The answer was cut short: your token quota ran out while it was written."],
+    cut: ["error", "The answer was cut short: your quota ran out while it was written."],
     error: ["error", "The answer ended early: the model provider had trouble."],
     interrupted: ["error", "The connection dropped before the answer finished."],
   };
@@ -453,7 +540,7 @@
         if (chunk.error) {
           if (chunk.error.code !== "insufficient_quota") return { state: "error", message: explain(chunk.error.code, 0, 0) };
           await refreshQuota({ confirm: true });
-          return { state: "cut", message: quotaMessage("The answer was cut short:") };
+          return { state: "cut", message: quotaMessage("The answer was cut short:", chunk.error.message) };
         }
         if (chunk.usage) answer.usage = chunk.usage;
         for (const choice of chunk.choices || []) {
@@ -572,6 +659,9 @@
     }
     if (answer.started) turn.dataset.state = outcome.state;
     await refreshQuota();
+    // Until the answer's lease settles (a moment after its end) the windows count what it held, which can be well
+    // over what it cost: look again then, so that the meters end on what was spent.
+    if (answer.started) setTimeout(refreshQuota, SETTLE_MS);
     setBusy(false);
     const day = plan && plan.tokens.day;
     // Refusals and interruptions are announced by their notice (role alert); don't say them twice.
