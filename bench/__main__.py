@@ -1,8 +1,9 @@
-"""`python -m bench [gateway|backpressure|quotas|resilience|chaos|fairness ...] [--profile] [--minutes N]`: run the
-benchmarks.
+"""`python -m bench [gateway|backpressure|quotas|resilience|chaos|fairness|fleet ...] [--profile] [--minutes N]`: run
+the benchmarks.
 
 With no scenario named, the first four run in turn (about six minutes on a 2-core machine); `chaos` (the chaos
-soak, ~4 minutes) and `fairness` (~2 minutes) run only when named. See bench/README.md.
+soak, ~4 minutes), `fairness` (~2 minutes) and `fleet` (~1 minute, needs PostgreSQL) run only when named. See
+bench/README.md.
 """
 
 import argparse
@@ -13,11 +14,11 @@ import time
 
 import psutil
 
-from . import bench_backpressure, bench_chaos, bench_fairness, bench_gateway, bench_quotas, bench_resilience
+from . import bench_backpressure, bench_chaos, bench_fairness, bench_gateway, bench_quotas, bench_resilience, fleet
 from .common import RESULTS_DIR, describe_scheduling, raise_nofile, shorten_time_slice
 
 SCENARIOS = {"gateway": bench_gateway, "backpressure": bench_backpressure, "quotas": bench_quotas,
-             "resilience": bench_resilience, "chaos": bench_chaos, "fairness": bench_fairness}
+             "resilience": bench_resilience, "chaos": bench_chaos, "fairness": bench_fairness, "fleet": fleet}
 # What runs when no scenario is named: not the chaos soak (it asserts rather than measures, and needs PostgreSQL).
 DEFAULT_SCENARIOS = ["gateway", "backpressure", "quotas", "resilience"]
 

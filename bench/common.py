@@ -426,6 +426,7 @@ class StreamResult:
     done: bool = False
     error: str = ""
     body_head: bytes = b""  # the first bytes of the body, for error messages
+    server: str = ""  # the x-sluice-server-pid header: which process of a fleet answered (bench/fleet.py)
     token_times: list = field(default_factory=list)  # only when asked for
 
     @property
@@ -467,6 +468,7 @@ async def _read_head(loop, sock, result, read_size=65536):
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     result.request_id = headers.get("x-request-id", "")
+    result.server = headers.get("x-sluice-server-pid", "")
     return headers, rest
 
 

@@ -15,6 +15,7 @@ from daphne.server import Server  # noqa: E402  isort:skip
 
 import asyncio
 import logging
+import os
 import warnings
 from http import HTTPStatus
 
@@ -24,6 +25,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from streaming.server.fleet import PID_HEADER, PID_HEADER_VARIABLE
 from streaming.server.intake import BoundedHTTPFactory
 from streaming.server.shutdown import DrainingServer
 
@@ -96,6 +98,8 @@ class BackpressureServer(DrainingServer, Server):
         self._gates = {}  # WebRequest -> its ResponseGate, until Daphne reports the request disconnected
         self._channel_gates = {}  # HTTPChannel -> the one ResponseGate registered on it
         self._written_through = set()  # requests whose last body chunk was written at once, this loop turn
+        # Which process answered, for a fleet's tests and benchmark (streaming/server/fleet.py, --pid-header).
+        self._pid_header = (PID_HEADER, str(os.getpid()).encode()) if os.environ.get(PID_HEADER_VARIABLE) else None
 
     @property
     def http_factory(self):
@@ -166,6 +170,8 @@ class BackpressureServer(DrainingServer, Server):
 
     async def handle_reply(self, protocol, message):
         if message.get("type") == "http.response.start":
+            if self._pid_header is not None:
+                message = {**message, "headers": [*message.get("headers", ()), self._pid_header]}
             await super().handle_reply(protocol, message)
             _set_reason(protocol, message.get("status"))
             return
@@ -176,6 +182,36 @@ class BackpressureServer(DrainingServer, Server):
         transport = getattr(getattr(protocol, "channel", None), "transport", None)
         idle = (isinstance(transport, tcp.Connection) and not _buffered(transport)
                 and protocol not in self._written_through)
+        if idle and WRITE_THROUGH_UNREGISTERED:
+            await self._write_through(protocol, message, transport)
+        else:
+            await self._buffered_reply(protocol, message, transport, idle)
+        gate = self._gates.get(protocol)
+        if gate is not None:
+            # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
+            await gate.wait()
+
+    async def _write_through(self, protocol, message, transport):
+        """Write a chunk to an idle connection's socket at once, without registering the socket for write events
+        first: Twisted's write() asks the reactor to watch the socket (an epoll_ctl, and asyncio's add_writer), and
+        the doWrite() that empties the buffer right after asks it to stop (another epoll_ctl, remove_writer) — per
+        chunk, i.e. per token of a paced stream. Only what the socket does not take (or an error, which the reactor's
+        doWrite then meets and handles) is left to the reactor, which is then asked to watch the socket, as before.
+        Once per connection per loop turn (see `_buffered_reply`)."""
+        transport.startWriting = _not_yet  # Daphne's handle_reply writes synchronously: no other code runs meanwhile
+        try:
+            await super().handle_reply(protocol, message)
+        finally:
+            del transport.startWriting
+        if not _buffered(transport):
+            return
+        self._written_through.add(protocol)
+        asyncio.get_running_loop().call_soon(self._written_through.discard, protocol)
+        if transport.disconnected or transport.disconnecting or transport.doWrite() is not None or _buffered(
+                transport):
+            transport.startWriting()
+
+    async def _buffered_reply(self, protocol, message, transport, idle):
         await super().handle_reply(protocol, message)
         if idle and not (transport.disconnected or transport.disconnecting) and _buffered(transport):
             # Write now, as asyncio's transports do when nothing is queued, rather than on the reactor's next turn
@@ -188,10 +224,6 @@ class BackpressureServer(DrainingServer, Server):
             self._written_through.add(protocol)
             asyncio.get_running_loop().call_soon(self._written_through.discard, protocol)
             transport.doWrite()
-        gate = self._gates.get(protocol)
-        if gate is not None:
-            # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
-            await gate.wait()
 
 
 def _set_reason(protocol, status):
@@ -202,6 +234,14 @@ def _set_reason(protocol, status):
     except (ValueError, TypeError):  # a code outside the table keeps Twisted's own phrase
         return
     protocol.setResponseCode(status, phrase.encode("ascii"))
+
+
+WRITE_THROUGH_UNREGISTERED = os.environ.get("SLUICE_WRITE_THROUGH", "1") != "0"  # A/B switch (bench)
+
+
+def _not_yet():
+    """`startWriting` while a chunk is written through: the reactor is asked to watch the socket afterwards, and only
+    if something is left to write."""
 
 
 def _buffered(transport) -> bool:

@@ -21,7 +21,9 @@ too, rather than Daphne's HTML page: `json_error`.
 """
 
 import json
+import time
 import uuid
+import weakref
 from http import HTTPStatus
 
 from daphne.http_protocol import HTTPFactory, WebRequest
@@ -69,6 +71,12 @@ class BoundedRequest(WebRequest):
     _received = 0
     _limit = None
     _body_deadline = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        started = getattr(self.channel.factory, "request_started", None)
+        if started is not None:
+            started(self.channel)
 
     def gotLength(self, length):
         limit, keyed_prefixes, body_timeout = _settings()
@@ -160,7 +168,23 @@ def _abort(transport):
 
 
 class BoundedHTTPFactory(HTTPFactory):
-    """Daphne's HTTPFactory, building BoundedRequests, whose channels refuse what is not HTTP with JSON."""
+    """Daphne's HTTPFactory, building BoundedRequests, whose channels refuse what is not HTTP with JSON.
+
+    It also remembers the connections whose first request has not begun (`awaiting_request`): Daphne learns of a
+    request only at its request line, and the drain (shutdown.py) must not drop a connection accepted just before it.
+    """
+
+    def __init__(self, server):
+        super().__init__(server)
+        self._unrequested = weakref.WeakKeyDictionary()  # HTTPChannel -> when accepted (monotonic), until a request
+
+    def request_started(self, channel):
+        self._unrequested.pop(channel, None)
+
+    def awaiting_request(self, accepted_since: float) -> list:
+        """The open connections accepted at or after `accepted_since` (time.monotonic()) with no request begun."""
+        return [channel for channel, accepted in list(self._unrequested.items())
+                if accepted >= accepted_since and getattr(channel.transport, "connected", False)]
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
@@ -170,6 +194,8 @@ class BoundedHTTPFactory(HTTPFactory):
             # a malformed chunk) with a bare "400 Bad Request" and no body, through one method of HTTPChannel; the
             # channel sits inside the protocol-negotiating wrapper. Both names are private: docs/architecture.md.
             channel = getattr(protocol, "_channel", None)
+            if channel is not None:
+                self._unrequested[channel] = time.monotonic()
             if channel is not None and hasattr(channel, "_respondToBadRequestAndDisconnect"):
                 channel._respondToBadRequestAndDisconnect = lambda: _not_http(channel)
                 # A request line or header line over HTTPChannel.MAX_LENGTH (16 KiB): LineReceiver's public hook,

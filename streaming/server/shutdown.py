@@ -2,7 +2,9 @@
 
 On SIGTERM (or SIGINT) Twisted stops its reactor, and before it does Daphne cancels every running application (its
 `kill_all_applications`, a "before shutdown" trigger). `DrainingServer` puts a drain in front of that: it stops
-accepting connections, lets the requests in progress finish for up to SHUTDOWN_DRAIN_SECONDS (30 by default), then
+accepting connections, lets the requests in progress finish for up to SHUTDOWN_DRAIN_SECONDS (30 by default) — a
+request still arriving counts, and so does a connection accepted within ACCEPT_GRACE_SECONDS whose request has not
+begun (a rolling restart of a fleet, fleet.py, would otherwise drop the last connections it accepted) — then
 calls the `hooks` the application registered (Sluice's ends each stream still running with a final error event and
 settles it: streaming/apps.py), gives them a few seconds, and only then lets Daphne cancel what is left.
 
@@ -23,6 +25,9 @@ DEFAULT_DRAIN_SECONDS = 30.0
 # After the hooks: how long the ended streams get to write their last event and settle.
 HOOKS_GRACE_SECONDS = 5.0
 POLL_SECONDS = 0.05
+# A connection accepted this recently when the drain starts gets this long (from its acceptance) for its request line
+# to arrive; a connection that sends nothing for longer (an idle pre-connection) is closed with the process.
+ACCEPT_GRACE_SECONDS = 1.0
 
 # Async callables, awaited once when the drain deadline passes with requests still running.
 hooks: list = []
@@ -69,9 +74,23 @@ class DrainingServer:
             await asyncio.sleep(POLL_SECONDS)
 
     def _running_requests(self):
-        """The HTTP requests whose application has not returned (WebSocket consumers never do: not waited for)."""
+        """The HTTP requests in progress: still arriving, or whose application has not returned (WebSocket consumers
+        never do: not waited for); and the connections just accepted whose request has not begun."""
         from daphne.http_protocol import WebRequest
 
-        return [details["application_instance"] for protocol, details in list(self.connections.items())
-                if isinstance(protocol, WebRequest) and details.get("application_instance") is not None
-                and not details["application_instance"].done()]
+        requests = [protocol for protocol, details in list(self.connections.items())
+                    if isinstance(protocol, WebRequest) and _in_progress(protocol, details)]
+        return requests + self._awaiting_request()
+
+    def _awaiting_request(self):
+        """Connections accepted in the last ACCEPT_GRACE_SECONDS whose request has not begun (none are accepted once
+        the drain has stopped listening, so this empties within that grace)."""
+        awaiting = getattr(self.http_factory, "awaiting_request", None)
+        return [] if awaiting is None else awaiting(time.monotonic() - ACCEPT_GRACE_SECONDS)
+
+
+def _in_progress(request, details) -> bool:
+    instance = details.get("application_instance")
+    if instance is None:  # its headers or body are still arriving
+        return not request.finished and request.channel is not None
+    return not instance.done()
