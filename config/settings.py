@@ -114,17 +114,83 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DB_THREADS = env_int("DB_THREADS", 1 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3" else 4)
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# When one Redis is not enough (docs/quotas.md): REDIS_CLUSTER=1 with REDIS_URL naming any node of a Redis Cluster;
+# or REDIS_SENTINELS=host:port,host:port with REDIS_URL=redis://<master group>/<db> (django-redis's convention).
+REDIS_CLUSTER = env_bool("REDIS_CLUSTER", False)
+
+
+def _sentinels(value):
+    """REDIS_SENTINELS as (host, port) pairs."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    pairs = []
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit():
+            raise ImproperlyConfigured(f"REDIS_SENTINELS: '{entry}' is not host:port (e.g. 10.0.0.5:26379).")
+        pairs.append((host, int(port)))
+    return pairs
+
+
+REDIS_SENTINELS = _sentinels(os.environ.get("REDIS_SENTINELS", ""))
+
+
+def _redis_topology_errors(url, cluster, sentinels):
+    """What makes REDIS_URL, REDIS_CLUSTER and REDIS_SENTINELS contradict each other (refused at start-up)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if (cluster or sentinels) and not url:
+        return ["REDIS_CLUSTER and REDIS_SENTINELS need REDIS_URL (a node of the cluster; redis://<master group>/0)."]
+    if cluster and sentinels:
+        return ["REDIS_CLUSTER and REDIS_SENTINELS exclude each other: a cluster fails over by itself."]
+    if cluster and (parsed.scheme == "unix" or parsed.path.strip("/") not in ("", "0")):
+        return ["With REDIS_CLUSTER, REDIS_URL must be a redis:// or rediss:// node, database 0 (a cluster has no "
+                "other), e.g. redis://10.0.0.5:7000/0."]
+    if sentinels and (parsed.scheme == "unix" or parsed.port):
+        return ["With REDIS_SENTINELS, REDIS_URL names the master group, not an address: redis://mymaster/0 (the "
+                "sentinels say where the master is)."]
+    return []
+
+
+def _redis_cache(url, cluster, sentinels):
+    """Django's cache (Sluice keeps nothing in it; the counter store reads its connection settings)."""
+    if cluster:
+        # django-redis has no cluster client, and a plain one fails on every key another node owns.
+        return {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    options = {"CLIENT_CLASS": "django_redis.client.DefaultClient"}
+    if sentinels:
+        options = {"CLIENT_CLASS": "django_redis.client.SentinelClient", "SENTINELS": sentinels,
+                   "CONNECTION_FACTORY": "django_redis.pool.SentinelConnectionFactory"}
+    return {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": url, "OPTIONS": options}
+
+
+def _channel_layer(url, cluster, sentinels):
+    """channels_redis: its core layer keeps queues in keys of many slots and cannot follow a cluster's redirections,
+    so on a cluster the pub/sub layer, through the node REDIS_URL names (a cluster forwards PUBLISH to every node;
+    the live panel's snapshots need nothing stored). Behind Sentinel the core layer finds the master itself."""
+    if cluster:
+        return {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [url]}}
+    host = url
+    if sentinels:
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(url)
+        host = {"sentinels": sentinels, "master_name": unquote(parsed.hostname or ""),
+                "db": int(parsed.path.strip("/") or 0)}
+        host.update({k: unquote(v) for k, v in (("username", parsed.username), ("password", parsed.password)) if v})
+        if parsed.scheme == "rediss":
+            host["ssl"] = True
+    return {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [host]}}
+
+
+for _error in _redis_topology_errors(REDIS_URL, REDIS_CLUSTER, REDIS_SENTINELS):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(_error)
 if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django_redis.cache.RedisCache",
-            "LOCATION": REDIS_URL,
-            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
-        }
-    }
-    CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
-    }
+    CACHES = {"default": _redis_cache(REDIS_URL, REDIS_CLUSTER, REDIS_SENTINELS)}
+    CHANNEL_LAYERS = {"default": _channel_layer(REDIS_URL, REDIS_CLUSTER, REDIS_SENTINELS)}
     SLUICE_COUNTER_STORE = "quotas.store.redis.RedisStore"
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

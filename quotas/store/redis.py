@@ -7,17 +7,49 @@ opens a `redis.asyncio` pool with the same settings, one per event loop.
 After Redis restarts, no request may fail on a connection the old server closed (issue 14), and no script may run
 twice for one operation. So a stale connection is replaced *before* a command is written to it, and no command is
 ever sent again: see `RedisStore.__init__`, and docs/quotas.md, "Failure modes".
+
+Three topologies (settings REDIS_URL, REDIS_CLUSTER, REDIS_SENTINELS; docs/quotas.md, "When one Redis is not enough"):
+
+- A single Redis: `redis.asyncio.Redis`.
+- Sentinel (REDIS_SENTINELS; REDIS_URL's host names the master group): `Sentinel.master_for`, a pool whose every new
+  connection asks the sentinels where the master is. The scripts are the same, one per operation. A master that dies
+  closes its connections, and the pool's stale check replaces them as after a restart: requests during the failover
+  get StoreUnavailable, the first one after it works. A master that lives on (SENTINEL FAILOVER) keeps its
+  connections: `sentinel.MasterFollower` moves them to the new master within a second.
+- Redis Cluster (REDIS_CLUSTER=1; REDIS_URL names any node): `redis.asyncio.cluster.RedisCluster`, which sends each
+  script to the node that owns its keys' slot (following MOVED/ASK redirections, which are refusals: nothing ran).
+  A script's keys must share one slot. Single-key operations always do; a lease, renewal or settlement covers a
+  user's windows (`{u<id>}`) and, for a key that spends from a team's pool, the team's (`{t<id>}`): in cluster mode
+  those run the same script once per slot's group of keys (`cluster.lease_by_slot`: the user's group first, each
+  next group asked at most what the previous granted, an earlier group shrunk to the final grant), so each window
+  is still checked atomically and none is ever exceeded. Only in cluster mode: elsewhere nothing changes (one
+  script, one round trip per operation). Its retries are off as well: a command that failed on a connection error
+  is not resent (the cluster client re-reads the slot map before the next one).
 """
+
+import asyncio
+import logging
 
 from django.conf import settings
 from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ClusterCrossSlotError, MovedError, RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from .base import CounterStore, LeaseResult, RateResult, SlotResult, StoreUnavailable, per_window
 from .base import PROBE_RETRY_SECONDS, PermitResult, UpstreamState
+from .cluster import lease_by_slot, slot_groups
+from .sentinel import MasterFollower
+
+logger = logging.getLogger("quotas")
+
+# What a failed command raises: redis-py's errors, the cluster client's own (not a RedisError: no node could be
+# reached to read the slot map, a slot not covered), and the socket's.
+ERRORS = (RedisError, RedisClusterException, OSError)
 
 # KEYS[1]=zset; ARGV: limit, window, now, member
 RATE = """
@@ -177,6 +209,40 @@ def connection_settings():
     return location, kwargs
 
 
+def topology() -> str:
+    """"cluster" (REDIS_CLUSTER), "sentinel" (REDIS_SENTINELS) or "single"; config/settings.py refuses both at once."""
+    if getattr(settings, "REDIS_CLUSTER", False):
+        return "cluster"
+    return "sentinel" if getattr(settings, "REDIS_SENTINELS", None) else "single"
+
+
+def cluster_client(location, kwargs) -> RedisCluster:
+    """Any node of the cluster is enough to start: the client reads the slot map from it and finds the others."""
+    # A node's pool grows as needed, as a single Redis's does (RedisCluster refuses a command past 100 connections to
+    # one node, where the single pool would open one more).
+    kwargs.setdefault("max_connections", 2**31)
+    # A MOVED reply (the slot is now another node's) updates that slot's entry, and the command follows it. redis-py's
+    # default (5) also closes every connection to every node at each fifth MOVED, failing the commands in flight on
+    # them, whose scripts may have run (see _initialize for what that did): not here.
+    kwargs.setdefault("reinitialize_steps", 0)
+    return RedisCluster.from_url(location, **kwargs)
+
+
+def sentinel_client(location, kwargs) -> tuple[aioredis.Redis, Sentinel]:
+    """The master of the group REDIS_URL's host names (redis://mymaster/0, django-redis's convention; its database,
+    user and password are the master's), found through REDIS_SENTINELS at every new connection."""
+    params = parse_url(location)
+    service = params.pop("host")
+    params.pop("port", None)
+    if params.pop("connection_class", None) is SSLConnection:
+        params["ssl"] = True
+    # The sentinels are asked with the same timeouts, and without retries either (a sentinel that does not answer is
+    # skipped for the next one; the store must not wait for it several times per connection).
+    asked = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+    sentinel = Sentinel(settings.REDIS_SENTINELS, sentinel_kwargs={**asked, "retry": Retry(NoBackoff(), 0)})
+    return sentinel.master_for(service, **{**kwargs, **params}), sentinel  # the URL's wins, as in from_url
+
+
 class RedisStore(CounterStore):
     per_event_loop = True
 
@@ -207,7 +273,17 @@ class RedisStore(CounterStore):
         # Connecting is not retried either, so a store that is down is reported within one connection attempt
         # (refused: at once; unreachable: socket_connect_timeout).
         kwargs["retry"] = Retry(NoBackoff(), 0)
-        self.client = aioredis.Redis.from_url(location, **kwargs)
+        self.topology = topology()
+        self.cluster = self.topology == "cluster"
+        self._sentinel = self._follower = None
+        self._initializing = asyncio.Lock()  # see _initialize
+        if self.cluster:
+            self.client = cluster_client(location, kwargs)
+        elif self.topology == "sentinel":
+            self.client, self._sentinel = sentinel_client(location, kwargs)
+            self._follower = MasterFollower(self.client.connection_pool, ERRORS)
+        else:
+            self.client = aioredis.Redis.from_url(location, **kwargs)
         self._rate = self.client.register_script(RATE)
         self._slot = self.client.register_script(SLOT)
         self._lease = self.client.register_script(LEASE)
@@ -217,11 +293,46 @@ class RedisStore(CounterStore):
         self._usage = self.client.register_script(USAGE)
         self._member = 0
 
-    async def _call(self, script, keys, args):
+    async def aclose(self):
+        """Close every connection (the tests' stores; a server's live as long as their event loop)."""
+        if self._follower is not None:
+            await self._follower.aclose()
+        await self.client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
+
+    def _unavailable(self, exc) -> StoreUnavailable:
+        if not self.cluster and isinstance(exc, (MovedError, ClusterCrossSlotError)):
+            # A plain client on a cluster node: scripts on other nodes' keys (MOVED) and leases over a user's and a
+            # team's windows (CROSSSLOT) fail. Said at each failure: it is a configuration error, fixed at once.
+            logger.error("REDIS_URL names a node of a Redis Cluster: set REDIS_CLUSTER=1 (docs/quotas.md, \"When one "
+                         "Redis is not enough\")")
+        return StoreUnavailable(type(exc).__name__)
+
+    async def _run(self, command):
+        """Await `command()`, the store's round trip: StoreUnavailable if it fails (never sent again)."""
+        if self._follower is not None:
+            self._follower.poke()
         try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            if self.cluster and self.client.get_default_node() is None:
+                await self._initialize()
+            return await command()
+        except ERRORS as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _initialize(self):
+        """The cluster client reads the slot map before a command, once for all the commands waiting: before its
+        first command, and after it dropped the map (CLUSTERDOWN while a node fails over). redis-py 8.1 sends the
+        commands that come meanwhile to any node, which answers MOVED, and with its default `reinitialize_steps` the
+        fifth MOVED closed every connection under the others: of 20 concurrent first requests on each of 20 fresh
+        stores, 116 failed (89 ConnectionError, 27 a TypeError in redis-py). With either this or
+        `reinitialize_steps=0` (cluster_client): none."""
+        async with self._initializing:
+            if self.client.get_default_node() is None:
+                await self.client.initialize()
+
+    async def _call(self, script, keys, args):
+        return await self._run(lambda: script(keys=keys, args=args))
 
     async def hit(self, key, limit, window_seconds, now):
         return await self._rate_call(key, limit, window_seconds, now, count=True)
@@ -238,35 +349,51 @@ class RedisStore(CounterStore):
                           member if count and allowed else None)
 
     async def unhit(self, key, member):
-        try:
-            await self.client.zrem(key, member)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+        await self._run(lambda: self.client.zrem(key, member))
 
     async def acquire_slot(self, key, holder, limit, ttl, now):
         acquired, active = await self._call(self._slot, [key], [holder, limit, ttl, repr(now)])
         return SlotResult(bool(acquired), int(active))
 
     async def release_slot(self, key, holder):
-        try:
-            await self.client.hdel(key, holder)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+        await self._run(lambda: self.client.hdel(key, holder))
 
     async def lease(self, windows, holder, held, want, now, ttl):
+        held = per_window(held, windows)
+        if not self.cluster:
+            return await self._lease_windows(windows, holder, held, want, now, ttl)
+
+        async def run(group, group_held, group_want):
+            return await self._lease_windows([windows[i] for i in group], holder, group_held, group_want, now, ttl)
+
+        return await lease_by_slot(run, windows, held, want)
+
+    async def _lease_windows(self, windows, holder, held, want, now, ttl):
+        """One LEASE script over `windows` (one slot's, in cluster mode), `held` one amount per window."""
         args = [holder, 0, want, repr(now), ttl]
-        for window, mine in zip(windows, per_window(held, windows)):
+        for window, mine in zip(windows, held):
             args += [window.limit, repr(window.expire_at), window.rate, mine]
         granted, missing, remaining = await self._call(self._lease, [w.key for w in windows], args)
         return LeaseResult(int(granted), tuple(m.decode() if isinstance(m, bytes) else m for m in missing),
                            tuple(int(r) for r in remaining))
 
+    def _by_slot(self, keys):
+        """The indices of `keys` in one group (one script), or per slot in cluster mode."""
+        return slot_groups(keys) if self.cluster else [list(range(len(keys)))]
+
     async def renew(self, windows, slot_key, holder, now, ttl):
         keys = [w.key for w in windows] + ([slot_key] if slot_key else [])
-        await self._call(self._renew, keys, [holder, repr(now), ttl, "1" if slot_key else "0"])
+        for group in self._by_slot(keys):
+            # The slot hash is the last key, and so the last of its group: the script renews it when told so.
+            with_slot = bool(slot_key) and group[-1] == len(keys) - 1
+            await self._call(self._renew, [keys[i] for i in group], [holder, repr(now), ttl, "1" if with_slot else "0"])
 
     async def settle(self, windows, holder, charged):
-        await self._call(self._settle, [w.key for w in windows], [holder, *per_window(charged, windows)])
+        # Per group in cluster mode, each group atomic: a settlement sent again after a failure half-way charges only
+        # the windows that still hold the lease (the others dropped it as they charged).
+        keys, charged = [w.key for w in windows], per_window(charged, windows)
+        for group in self._by_slot(keys):
+            await self._call(self._settle, [keys[i] for i in group], [holder, *(charged[i] for i in group)])
 
     async def seed(self, window, used, leases, now, ttl):
         args = [used, repr(window.expire_at), ttl, repr(now)]
@@ -279,10 +406,7 @@ class RedisStore(CounterStore):
         return None if result is None else (int(result[0]), int(result[1]))
 
     async def delete(self, key):
-        try:
-            await self.client.delete(key)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+        await self._run(lambda: self.client.delete(key))
 
     # The shared upstream limit and circuit breaker (see the contract in base.py) ----------------------------
 
@@ -321,14 +445,8 @@ class RedisStore(CounterStore):
         return dict(zip(users, (int(n) for n in flat[1::2])))
 
     async def upstream_states(self, keys, now):
-        # One round trip; each record is small (its permits and the users contending for it).
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(key)
-                records = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+        # One round trip (one per node on a cluster); each record is small (its permits and the users contending).
+        records = await self._run(lambda: self._read_hashes(keys))
         states = {}
         for key, record in zip(keys, records):
             if not record:
@@ -341,6 +459,12 @@ class RedisStore(CounterStore):
             states[key] = UpstreamState(float(limit) if limit else None, float(fields.get("open_until") or 0),
                                         permits)
         return states
+
+    async def _read_hashes(self, keys):
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            return await pipe.execute()
 
 
 # The upstream record, one hash per upstream: "limit" (float), "fails" (counted in the current run), "run" (the
