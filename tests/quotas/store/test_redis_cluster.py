@@ -22,6 +22,8 @@ from quotas.store.redis import RedisStore
 from tests.quotas.store.conftest import redis_settings, require_redis_binaries
 from tests.support import redis_servers
 
+pytestmark = pytest.mark.redis  # real Redis processes (CI: the PostgreSQL phase)
+
 NOW, TTL = 1000.0, 30
 
 

@@ -21,6 +21,8 @@ from tests.quotas.store.test_redis_topology_settings import settings_for
 from tests.support import redis_servers
 from tests.support.gateways import eventually
 
+pytestmark = pytest.mark.redis  # real Redis processes (CI: the PostgreSQL phase)
+
 NOW, TTL = 1000.0, 30
 RPM = "sluice:{u1}:rpm"
 
