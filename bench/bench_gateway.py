@@ -45,11 +45,26 @@ ROUTED_SCRIPT = r"""
 import sys
 import django
 django.setup()
-from streaming.catalogue.models import Deployment, Provider, ServedModel
+from decimal import Decimal
+from django.utils import timezone
+from quotas.models import ApiKey, Plan, Team, TeamMembership, UserQuota
+from streaming.catalogue.models import Deployment, ModelPrice, Provider, ServedModel
 provider = Provider.objects.create(name="bench-routed", base_url=sys.argv[1])
-model = ServedModel.objects.create(name="sim-routed")
-for name, weight, priority in (("sim-small", 3, 1), ("sim-small-b", 1, 1), ("sim-small-c", 1, 2)):
-    Deployment.objects.create(model=model, provider=provider, upstream_model=name, weight=weight, priority=priority)
+for model_name in ("sim-routed", "sim-priced"):
+    model = ServedModel.objects.create(name=model_name)
+    for name, weight, priority in (("sim-small", 3, 1), ("sim-small-b", 1, 1), ("sim-small-c", 1, 2)):
+        Deployment.objects.create(model=model, provider=provider, upstream_model=name, weight=weight,
+                                  priority=priority)
+# Money on top of routing (issue 20, item 5): a priced model, the user's budgets, a team pool with a member's cap
+# and a key's own spend limits: every money window a request can have, all far from their limits.
+ModelPrice.objects.create(model=model, effective_from=timezone.now(), input=Decimal("1"), output=Decimal("4"))
+user = UserQuota.objects.get().user
+Plan.objects.filter(name="bench").update(budget_per_day=Decimal(10**6), budget_per_month=Decimal(10**7))
+team = Team.objects.create(name="bench", budget_per_day=Decimal(10**6), budget_per_month=Decimal(10**7))
+TeamMembership.objects.create(team=team, user=user, budget_per_day=Decimal(10**6), budget_per_month=Decimal(10**7))
+key, raw = ApiKey.issue(user, name="bench team")
+ApiKey.objects.filter(pk=key.pk).update(team=team, budget_per_day=Decimal(10**6), budget_per_month=Decimal(10**7))
+print(raw)
 """
 PATH = "/v1/chat/completions"
 
@@ -130,37 +145,46 @@ def run(profile=False):
 
 
 def measure_routing(gw, db, sim):
-    """TTFT p50 (ms) at one stream: (one deployment, three deployments routed), alternating rounds."""
-    say("gateway bench: routing among three deployments vs one")
+    """TTFT p50 (ms) at one stream: one deployment; three deployments routed; three routed at a priced model with
+    every money window (the user's budgets, a team pool, a member's cap, a key's limits: the team key) — alternating
+    rounds."""
+    say("gateway bench: routing among three deployments vs one, and with budgets")
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", "DATABASE_URL": db.url,
            "DJANGO_SECRET_KEY": secret_key()}
-    subprocess.run([PY, "-c", ROUTED_SCRIPT, f"http://{HOST}:{sim.port}/v1"], cwd=PROJECT_ROOT, env=env, check=True,
-                   capture_output=True)
-    routed = chat_body(ROUTING_TOKENS, model="sim-routed")
+    made = subprocess.run([PY, "-c", ROUTED_SCRIPT, f"http://{HOST}:{sim.port}/v1"], cwd=PROJECT_ROOT, env=env,
+                          check=True, capture_output=True, text=True)
+    team_key = made.stdout.strip().splitlines()[-1]
+    variants = ((chat_body(ROUTING_TOKENS), db.api_key), (chat_body(ROUTING_TOKENS, model="sim-routed"), db.api_key),
+                (chat_body(ROUTING_TOKENS, model="sim-priced"), team_key))
     deadline = time.monotonic() + 30
-    while not asyncio.run(stream_chat(gw.port, PATH, routed, db.api_key)).ok:  # the gateway's catalogue refresh
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the routed model never answered:\n{gw.stderr_text()[-2000:]}")
-        time.sleep(0.2)
-    one, three = [], []
+    for body, key in variants[1:]:
+        while not asyncio.run(stream_chat(gw.port, PATH, body, key)).ok:  # the gateway's catalogue refresh
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the routed models never answered:\n{gw.stderr_text()[-2000:]}")
+            time.sleep(0.2)
+    ttfts = [[], [], []]
     for _ in range(ROUTING_ROUNDS):
-        for body, ttfts in ((chat_body(ROUTING_TOKENS), one), (routed, three)):
+        for (body, key), measured in zip(variants, ttfts):
             results, _ = asyncio.run(closed_loop(1, ROUTING_PER_ROUND,
-                                                 lambda body=body: stream_chat(gw.port, PATH, body, db.api_key)))
+                                                 lambda body=body, key=key: stream_chat(gw.port, PATH, body, key)))
             if not all(r.ok for r in results):
                 raise RuntimeError(f"routing bench: {summarize_errors(results)}")
-            ttfts += [r.ttft * 1000 for r in results]
-    return percentile(one, 50), percentile(three, 50), len(one)
+            measured += [r.ttft * 1000 for r in results]
+    return *(percentile(measured, 50) for measured in ttfts), len(ttfts[0])
 
 
-def report_routing(one, three, count):
-    added = three - one
-    print(f"\n## Routing: one-stream TTFT, {ROUTING_TOKENS}-token answers, {count} requests each in "
+def report_routing(one, three, priced, count):
+    print(f"\n## Routing and budgets: one-stream TTFT, {ROUTING_TOKENS}-token answers, {count} requests each in "
           f"{ROUTING_ROUNDS} alternating rounds\n")
-    print(table(["model", "TTFT p50 ms"], [["one deployment", f"{one:.2f}"],
-                                           ["three deployments, weights 3:1 + a fallback priority", f"{three:.2f}"]]))
-    print(f"\n- routing adds ≤ {TARGET_ROUTING_ADDED_MS} ms p50 at one stream: {added:+.2f} ms → "
-          f"{verdict(added <= TARGET_ROUTING_ADDED_MS)}")
+    print(table(["model", "TTFT p50 ms"], [
+        ["one deployment", f"{one:.2f}"],
+        ["three deployments, weights 3:1 + a fallback priority", f"{three:.2f}"],
+        ["the same, priced, with the user's budgets, a team pool, a member's cap and a key's limits", f"{priced:.2f}"],
+    ]))
+    print(f"\n- routing adds ≤ {TARGET_ROUTING_ADDED_MS} ms p50 at one stream: {three - one:+.2f} ms → "
+          f"{verdict(three - one <= TARGET_ROUTING_ADDED_MS)}")
+    print(f"- routing and budgets together add ≤ {TARGET_ROUTING_ADDED_MS} ms: {priced - one:+.2f} ms → "
+          f"{verdict(priced - one <= TARGET_ROUTING_ADDED_MS)}")
 
 
 def profile_gateway(pid, name, load, seconds=8):

@@ -82,6 +82,9 @@ class TokenLease:
         self.price = price
         self.started_at = now_dt
         self.windows, self.specs = window_specs(user_id, limits, now_dt, money or price is not None)
+        self.has_money = any(w.is_money for w in self.windows)
+        self._rates = {}  # kind -> nanos per token (rate)
+        self._rated_specs = {}  # kind -> (specs at that rate, rates) (_rated)
         self.held = 0  # tokens leased so far: prompt + completion
         self.held_units = [0] * len(self.specs)  # per window, in its units (tokens; nanos for money)
         self.prompt_tokens = 0
@@ -95,10 +98,6 @@ class TokenLease:
         self.block = settings.QUOTA_LEASE_BLOCK_TOKENS
 
     @property
-    def has_money(self) -> bool:
-        return any(w.is_money for w in self.windows)
-
-    @property
     def held_nanos(self) -> int:
         """The money the lease holds (the same in every money window: each grant takes the same tokens at the same
         rate from all of them); 0 without money windows."""
@@ -106,15 +105,28 @@ class TokenLease:
 
     def rate(self, kind: str) -> int:
         """Nanos per token of `kind` ("input" or "output") for the money windows: at least 1, so that the store's
-        arithmetic holds for a free kind of token (its cost is still charged exactly: `charges`)."""
-        return max(1, self.price.per_token(kind)) if self.price is not None else 1
+        arithmetic holds for a free kind of token (its cost is still charged exactly: `charges`). Computed once per
+        lease (Decimal arithmetic)."""
+        if self.price is None:
+            return 1
+        rate = self._rates.get(kind)
+        if rate is None:
+            rate = self._rates[kind] = max(1, self.price.per_token(kind))
+        return rate
 
     def _rated(self, kind):
-        if not self.has_money:
-            return self.specs, [1] * len(self.specs)
-        rate = self.rate(kind)
-        rates = [rate if w.is_money else 1 for w in self.windows]
-        return [dataclasses.replace(s, rate=r) for s, r in zip(self.specs, rates)], rates
+        """The specs at `kind`'s rate in the money windows, and the rates: built once per kind and per set of limits
+        (a lease per block reuses them)."""
+        rated = self._rated_specs.get(kind)
+        if rated is None:
+            if not self.has_money:
+                rated = self.specs, [1] * len(self.specs)
+            else:
+                rate = self.rate(kind)
+                rates = [rate if w.is_money else 1 for w in self.windows]
+                rated = [dataclasses.replace(s, rate=r) for s, r in zip(self.specs, rates)], rates
+            self._rated_specs[kind] = rated
+        return rated
 
     @property
     def completion_leased(self):
@@ -127,26 +139,52 @@ class TokenLease:
 
     async def _lease(self, want, kind="output"):
         """Lease up to `want` more tokens in every window, at `kind`'s rate in the money windows."""
+        specs, rates = self._rated(kind)
+        result = await self._store_lease(specs, want)
+        self._granted(result, result.granted, [result.granted * r for r in rates], rates)
+        return result.granted
+
+    async def _lease_bundle(self, prompt_tokens, completion_tokens) -> int:
+        """Admission's prompt (at the input rate) and first completion block (at the output rate) in one store call,
+        all or nothing: one "unit" whose weight in each window is the pair's — in a money window prompt × input rate +
+        block × output rate, in a token window prompt + block (the store's weighted windows, WindowSpec.rate).
+        Returns the tokens granted: both, or 0 (then nothing is held and the caller leases them one by one)."""
+        inp, out = self.rate("input"), self.rate("output")
+        units = [prompt_tokens * inp + completion_tokens * out if w.is_money else prompt_tokens + completion_tokens
+                 for w in self.windows]
+        if not all(units):
+            return 0  # nothing to weigh a unit by: one by one
+        result = await self._store_lease([dataclasses.replace(s, rate=u) for s, u in zip(self.specs, units)], 1)
+        if not result.granted:
+            return 0
+        self._granted(result, prompt_tokens + completion_tokens, units, self._rated("output")[1])
+        return prompt_tokens + completion_tokens
+
+    async def _store_lease(self, specs, want):
+        """The store's `lease` of `want` (in the specs' rates), the missing windows rebuilt from the ledger first."""
         store = get_store()
         now = time.time()
-        specs, rates = self._rated(kind)
         try:
             for _ in range(3):
                 result = await store.lease(specs, self.holder, tuple(self.held_units), want, now,
                                            settings.QUOTA_SLOT_TTL)
                 if not result.missing:
-                    self.held += result.granted
-                    self.held_units = [units + result.granted * r for units, r in zip(self.held_units, rates)]
-                    self.remaining_by_window = tuple(units // r for units, r in zip(result.remaining, rates))
-                    self.remaining_units = tuple(result.remaining)
-                    self.remaining = tokens_left(result.remaining, self._rated("output")[1])
-                    return result.granted
+                    return result
                 await seed_windows(self.user_id, self.windows, self.specs, result.missing, now)
         except StoreUnavailable:
             logger.warning("counter store unavailable: token quota fails closed")
             alerts.counter_store_down()
             raise CounterStoreDown("quota") from None
         raise CounterStoreDown("quota")
+
+    def _granted(self, result, tokens, units, rates):
+        """Record a grant: `tokens` more held, `units` more in each window; what is left, in each window's units and
+        in tokens at `rates` (the last lease's)."""
+        self.held += tokens
+        self.held_units = [held + more for held, more in zip(self.held_units, units)]
+        self.remaining_by_window = tuple(left // r for left, r in zip(result.remaining, rates))
+        self.remaining_units = tuple(result.remaining)
+        self.remaining = tokens_left(result.remaining, self._rated("output")[1])
 
     def exhausted(self) -> QuotaExceeded:
         """The refusal for the window that ran out at the last lease, with that window's own reset and owner."""
@@ -158,17 +196,21 @@ class TokenLease:
         """Reserve the prompt (once) and the first block, or for a non-streaming request `choices` (n) times the
         whole budget; clamp max_tokens (per choice). Raises QuotaExceeded.
 
-        With money windows, two leases: the prompt at the input rate, then the completion's first block (or whole
-        budget) at the output rate."""
+        With money windows the prompt is leased at the input rate and the completion's first block (or whole budget)
+        at the output rate: both in one store call when both fit (`_lease_bundle`), else one after the other (the
+        prompt, then as much of the block as is left)."""
         self.prompt_tokens = prompt_tokens
         self.choices = choices
         plan_max = self.limits.max_tokens_per_request
         wanted_completion = min(requested_max or plan_max, plan_max) * choices
         block = settings.QUOTA_LEASE_BLOCK_TOKENS if stream else wanted_completion
         if self.has_money:
-            granted = await self._lease(prompt_tokens, "input")
-            if granted >= prompt_tokens:
-                granted += await self._lease(min(block, wanted_completion), "output")
+            first = min(block, wanted_completion)
+            granted = await self._lease_bundle(prompt_tokens, first)
+            if not granted:
+                granted = await self._lease(prompt_tokens, "input")
+                if granted >= prompt_tokens:
+                    granted += await self._lease(first, "output")
         else:
             granted = await self._lease(first_lease(prompt_tokens, wanted_completion, block))
         # What the completion may use: its first block plus whatever is left in every window.
@@ -226,6 +268,7 @@ class TokenLease:
             # Same windows (keys), new limits; a suspension stops the stream at its next lease.
             self.specs = [dataclasses.replace(s, limit=window_limit(w, limits))
                           for w, s in zip(self.windows, self.specs)]
+            self._rated_specs = {}
 
     async def renew(self, slot_key):
         try:

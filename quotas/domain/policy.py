@@ -3,6 +3,7 @@
 Tested with plain values in tests/quotas/domain/test_policy.py.
 """
 
+import functools
 import logging
 import zoneinfo
 from dataclasses import dataclass, replace
@@ -139,17 +140,26 @@ class Window:
 
 def calendar_windows(limits: Limits, now: datetime):
     """Today's and this month's windows in the user's timezone, as (day, month)."""
-    local = now.astimezone(zoneinfo.ZoneInfo(limits.timezone))
-    day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    # Add a day via the calendar, not 24 h, so DST days are 23 or 25 hours long.
-    next_day = (day_start + timedelta(days=1, hours=3)).replace(hour=0, tzinfo=None)
-    day_end = next_day.replace(tzinfo=local.tzinfo)
-    month_start = day_start.replace(day=1)
-    month_end = (month_start.replace(tzinfo=None) + timedelta(days=32)).replace(day=1, tzinfo=local.tzinfo)
+    zone = zoneinfo.ZoneInfo(limits.timezone)
+    day_key, day_start, day_end, month_key, month_start, month_end = _periods(zone, now.astimezone(zone).date())
     return (
-        Window("day", local.strftime("%Y-%m-%d"), day_start, day_end, limits.tokens_per_day),
-        Window("month", local.strftime("%Y-%m"), month_start, month_end, limits.tokens_per_month),
+        Window("day", day_key, day_start, day_end, limits.tokens_per_day),
+        Window("month", month_key, month_start, month_end, limits.tokens_per_month),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _periods(zone, local_date):
+    """The day and the month of `local_date` in `zone`: their keys and [start, end) bounds. Cached: every request
+    computes them for each of its owners (the user, a key, a team), and they change once a day per zone."""
+    day_start = datetime(local_date.year, local_date.month, local_date.day, tzinfo=zone)
+    # Add a day via the calendar, not 24 h, so DST days are 23 or 25 hours long.
+    next_day = (day_start.replace(tzinfo=None) + timedelta(days=1, hours=3)).replace(hour=0)
+    day_end = next_day.replace(tzinfo=zone)
+    month_start = day_start.replace(day=1)
+    month_end = (month_start.replace(tzinfo=None) + timedelta(days=32)).replace(day=1, tzinfo=zone)
+    return (local_date.strftime("%Y-%m-%d"), day_start, day_end, local_date.strftime("%Y-%m"), month_start,
+            month_end)
 
 
 def budget_windows(limits: Limits, now: datetime):

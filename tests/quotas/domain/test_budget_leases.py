@@ -113,3 +113,45 @@ def test_a_ledger_price_record_round_trips():
     price = Price(input=Decimal("2.5"), output=Decimal("10"), reasoning=Decimal("12"), id=3)
     assert price_from_record(price.as_record()) == price
     assert price_from_record(None) is None
+
+
+@pytest.fixture
+def redis_store(redis_url):
+    """The real Redis store for one test (EVALSHA calls counted from Redis's own statistics)."""
+    import redis
+    from django.test import override_settings
+
+    from quotas.store import get_store, reset_stores
+
+    with override_settings(SLUICE_COUNTER_STORE="quotas.store.redis.RedisStore", REDIS_URL=redis_url,
+                           CACHES={"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": redis_url}}):
+        reset_stores()
+        client = redis.Redis.from_url(redis_url)
+        yield lambda: client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        reset_stores()
+
+
+@pytest.mark.redis
+async def test_admission_with_money_is_one_store_call_when_the_prompt_and_first_block_fit(user_id, redis_store):
+    """Issue 20, item 5 (budgets keep their cost): the prompt at the input rate and the first block at the output rate
+    in one script; near the limit, one by one as before (the bundle refused: nothing held)."""
+    from quotas.store import get_store
+
+    seeded = TokenLease(user_id, limits(day=10**9), "req_seed", timezone.now(), PRICE)
+    await seeded.admit(prompt_tokens=8, requested_max=None, stream=True)  # windows created from the ledger
+    await seeded.settle(0)
+    before = redis_store()
+    lease = TokenLease(user_id, limits(day=10**9), "req_bundle", timezone.now(), PRICE)
+    await lease.admit(prompt_tokens=100, requested_max=None, stream=True)
+    assert redis_store() - before == 1
+    assert lease.held == 132 and lease.held_units[-1] == 100 * 1000 + 32 * 4000
+    assert (await get_store().usage(lease.specs[-1].key, 0))[1] == 228_000  # what the window holds for it
+    await lease.settle(lease.held, cost_nanos(PRICE, 100, 32))
+    # 150,000 nanos left: the prompt (100,000) fits, 32 completion tokens (128,000) do not — 12 do.
+    used = (await get_store().usage(lease.specs[-1].key, 0))[0]
+    tight = TokenLease(user_id, limits(day=used + 150_000), "req_tight", timezone.now(), PRICE)
+    before = redis_store()
+    assert await tight.admit(prompt_tokens=100, requested_max=None, stream=True) == 12
+    assert redis_store() - before == 3  # the bundle refused, then the prompt, then what is left of the block
+    assert tight.held_units[-1] == 100 * 1000 + 12 * 4000
+    await tight.settle(0)
