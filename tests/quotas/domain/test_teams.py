@@ -66,6 +66,8 @@ def test_a_team_pool_shared_by_three_members_over_two_processes_is_never_exceede
         for gateway in (first, second):
             gateway.control(tokens_per_second=200, default_tokens=200)
         results = run_streams([first, second], [p.team_key for p in people], 50, 150)
+        # Settled everywhere: the ledger row first, then the counter store (the Redis window is read below).
+        eventually(lambda: first.unsettled() == 0 and second.unsettled() == 0, timeout=20)
     endings = {ending for _, ending, _ in results}
     assert "insufficient_quota" in endings and endings <= {"completed", "insufficient_quota"}, endings
     messages = {message for _, ending, message in results if ending == "insufficient_quota"}
