@@ -17,14 +17,11 @@ import aiohttp
 import httpx2
 import openai
 from django.conf import settings
-# The SDK's own aiohttp transport, given a session of ours (below). Not in the SDK's public API: tied to the pinned
-# openai version (requirements.txt), and an import error here names the change at start-up.
-from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
-
 from .endpoints import CHAT, Endpoint
 from .errors import UpstreamError
 from .events import Event, SSEParser
 from .targets import Target, token_limit_field  # noqa: F401 (token_limit_field: its home before targets.py)
+from .transport import AiohttpTransport, body_reader
 
 SIMULATOR_PREFIX = "/_sim"
 # One client per event loop (its aiohttp session belongs to the loop it was made on), base URL and timeouts.
@@ -68,12 +65,13 @@ def _upstream_socket(addr_info) -> socket.socket:
 
 
 def _aiohttp_session() -> aiohttp.ClientSession:
-    # The session the SDK's transport would build (its TLS context, 5 s keep-alive), with the read-ahead bounds
-    # above and no connection limit: the transport maps max_connections=None to aiohttp's default of 100.
-    # Called by the transport on its first request, inside the running loop.
+    # The session the SDK's own aiohttp transport would build (its TLS context, 5 s keep-alive), with the read-ahead
+    # bounds above and no connection limit (aiohttp's default is 100). Called by the transport on its first request,
+    # inside the running loop.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=5.0, ssl=httpx2.create_ssl_context(),
                                      socket_factory=_upstream_socket)
-    return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES)
+    # trust_env: aiohttp itself honours HTTP(S)_PROXY and NO_PROXY (the httpx2 client is told not to).
+    return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES, trust_env=True)
 
 
 def get_client(target: Target) -> openai.AsyncOpenAI:
@@ -89,11 +87,11 @@ def get_client(target: Target) -> openai.AsyncOpenAI:
             max_retries=0,
             # The read timeout is the longest silence allowed between two chunks.
             timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=connect),
-            # The SDK's aiohttp transport (openai[aiohttp]): its C HTTP parser reads an event for a fraction of
-            # the CPU of the default transport's pure-Python stack, on every event of every stream
-            # (docs/performance.md).
-            http_client=openai.DefaultAioHttpClient(
-                transport=AiohttpTransport(client=_aiohttp_session),
+            # The SDK's client defaults over an aiohttp transport (transport.py): its C HTTP parser reads an event
+            # for a fraction of the CPU of the default transport's pure-Python stack, on every event of every
+            # stream, and the relay reads its body directly (docs/performance.md).
+            http_client=openai.DefaultAsyncHttpxClient(
+                transport=AiohttpTransport(_aiohttp_session), trust_env=False,
                 timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=connect),
             ),
         )
@@ -195,17 +193,24 @@ class EventStream:
     def __init__(self, response: httpx2.Response, classify=CHAT.classify):
         self._response = response
         self._pieces = None
+        self._reader = body_reader(response)  # the body read directly, if the transport is ours (transport.py)
         self._parser = SSEParser()
         self._classify = classify  # the endpoint's (endpoints.py)
         self.closed = False
 
     async def read_batch(self) -> list[Event] | None:
         """The events the next read(s) completed (at least one), or None at the body's end."""
-        if self._pieces is None:
+        reader = self._reader
+        if reader is None and self._pieces is None:
             self._pieces = aiter(self._response.aiter_bytes())
         while True:
             try:
-                piece = await anext(self._pieces)
+                if reader is not None:
+                    piece = await reader.read()
+                    if not piece:
+                        return None
+                else:
+                    piece = await anext(self._pieces)
             except StopAsyncIteration:
                 return None
             except (httpx2.HTTPError, OSError) as exc:

@@ -182,7 +182,9 @@ class BackpressureServer(DrainingServer, Server):
         transport = getattr(getattr(protocol, "channel", None), "transport", None)
         idle = (isinstance(transport, tcp.Connection) and not _buffered(transport)
                 and protocol not in self._written_through)
-        if idle and WRITE_THROUGH_UNREGISTERED:
+        if idle and WRITE_THROUGH_UNREGISTERED and self._send_chunk(protocol, message, transport):
+            pass
+        elif idle and WRITE_THROUGH_UNREGISTERED:
             await self._write_through(protocol, message, transport)
         else:
             await self._buffered_reply(protocol, message, transport, idle)
@@ -190,6 +192,36 @@ class BackpressureServer(DrainingServer, Server):
         if gate is not None:
             # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
             await gate.wait()
+
+    def _send_chunk(self, protocol, message, transport) -> bool:
+        """A body chunk of a response already under way, framed and written to an idle connection's socket here, in
+        one system call: what Daphne's `handle_reply`, Twisted's `Request.write` (its checks, `toChunk`'s four
+        pieces), `HTTPChannel.writeSequence`, the transport's `writeSequence` and `doWrite` do for it, per token of a
+        paced stream, with the same outcome. Only for a chunked response whose head is written (Twisted's
+        `startedWriting`, `chunked`) on a live connection; False (nothing done) otherwise, and Daphne's path runs.
+        What the socket does not take, or an error, is handed to the transport's own `write()`, which buffers it and
+        asks the reactor to watch the socket (its `doWrite` then meets the error and closes the connection), as
+        before; the gate then pauses the app past SEND_BUFFER_BYTES. Once per connection per loop turn
+        (`_buffered_reply`)."""
+        if not (protocol.chunked and protocol.startedWriting) or protocol.finished or protocol._disconnected:
+            return False
+        connection = self.connections.get(protocol)
+        if connection is None or connection.get("disconnected") or transport.disconnected or transport.disconnecting:
+            return False
+        body = message.get("body", b"")
+        protocol.sentLength += len(body)
+        if not body:
+            return True
+        data = b"%x\r\n%b\r\n" % (len(body), body)
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # EAGAIN (full), or an error the transport's doWrite meets again and handles
+            sent = 0
+        if sent < len(data):
+            self._written_through.add(protocol)
+            asyncio.get_running_loop().call_soon(self._written_through.discard, protocol)
+            transport.write(data[sent:])
+        return True
 
     async def _write_through(self, protocol, message, transport):
         """Write a chunk to an idle connection's socket at once, without registering the socket for write events

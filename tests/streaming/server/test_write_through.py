@@ -1,10 +1,13 @@
-"""streaming/server/backpressure.py, `_write_through`: a paced stream's chunks reach the socket without the reactor
-being asked to watch it for each one (issue 20: per-token CPU of paced streams), on a real server process.
+"""streaming/server/backpressure.py, `_send_chunk` and `_write_through`: a paced stream's chunks reach the socket
+without the reactor being asked to watch it for each one, and without Twisted's `Request.write` (issue 20: per-token
+CPU of paced streams), on a real server process.
 
-A probe server (the real BackpressureServer) counts the reactor's addWriter calls while an app sends small chunks
-one loop turn apart, as a model's tokens arrive, to a client that reads them; /writers reports the count. Before the
-change Twisted's write() registered the socket for every chunk (and the doWrite that emptied it unregistered it):
-one addWriter per chunk. The body must arrive whole and in order either way.
+A probe server (the real BackpressureServer) counts the reactor's addWriter calls and Twisted's Request.write calls
+while an app sends small chunks one loop turn apart, as a model's tokens arrive, to a client that reads them;
+/writers reports the counts. Before the first change Twisted's write() registered the socket for every chunk (and the
+doWrite that emptied it unregistered it): one addWriter per chunk; before the second, every chunk went through
+Request.write. The body must arrive whole, in order and correctly framed either way, also when the socket takes only
+part of a chunk (a slow reader of large chunks).
 """
 
 import json
@@ -13,7 +16,7 @@ import sys
 import pytest
 
 from bench.servers import HOST, start_server
-from tests.support.raw_http import RawHTTPConnection
+from tests.support.raw_http import SMALL_RCVBUF, RawHTTPConnection
 
 CHUNKS = 300
 
@@ -24,8 +27,19 @@ import streaming.server.backpressure
 from streaming.server.__main__ import BackpressureCommandLineInterface
 from twisted.internet import reactor
 
-calls = {"addWriter": 0}
+from twisted.web import http
+
+calls = {"addWriter": 0, "Request.write": 0}
 _add_writer = reactor.addWriter
+_request_write = http.Request.write
+
+
+def counting_request_write(self, data):
+    calls["Request.write"] += 1
+    return _request_write(self, data)
+
+
+http.Request.write = counting_request_write
 
 
 def counting_add_writer(writer):
@@ -46,6 +60,11 @@ async def app(scope, receive, send):
         return
     count = int(scope["query_string"] or b"1")
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    if scope["path"] == "/large":  # 64 KiB chunks, back to back: more than a slow reader's socket takes at once
+        for n in range(count):
+            await send({"type": "http.response.body", "body": b"%08d" % n * 8192, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
     for n in range(count):
         await send({"type": "http.response.body", "body": b"data: token %d\n\n" % n, "more_body": True})
         await asyncio.sleep(0.001)  # the next token, a loop turn or more later
@@ -61,23 +80,46 @@ def writers(port):
         connection.send_get("/writers", close=True)
         status, _, body = connection.read_response()
     assert status == 200, body
-    return json.loads(body)["addWriter"]
+    return json.loads(body)
+
+
+def probe_server(write_through):
+    argv = [sys.executable, "-c", PROBE_SERVER, "-b", HOST, "-p", "{port}", "__main__:app"]
+    return start_server(argv, env={"SLUICE_WRITE_THROUGH": write_through})
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("write_through", ["1", "0"])
 def test_paced_chunks_are_written_without_registering_the_socket_each_time(write_through):
-    argv = [sys.executable, "-c", PROBE_SERVER, "-b", HOST, "-p", "{port}", "__main__:app"]
-    with start_server(argv, env={"SLUICE_WRITE_THROUGH": write_through}) as server:
+    with probe_server(write_through) as server:
         before = writers(server.port)
         with RawHTTPConnection(server.port) as reader:
             reader.send_get(f"/stream?{CHUNKS}", close=True)
             status, _, body = reader.read_response()
-        registered = writers(server.port) - before
+        after = writers(server.port)
+    registered = after["addWriter"] - before["addWriter"]
+    request_writes = after["Request.write"] - before["Request.write"]
     assert status == 200
     assert body == b"".join(b"data: token %d\n\n" % n for n in range(CHUNKS))
     if write_through == "1":
-        # The response head and the last chunk may still go through the reactor; the tokens do not.
+        # The response head and the last chunk may still go through the reactor and Request.write; the tokens do not.
         assert registered <= 5, registered
-    else:  # the switch off: Twisted's own path, one registration per chunk (what the test tells apart)
+        assert request_writes <= 5, request_writes
+    else:  # the switch off: Twisted's own path, one registration and one Request.write per chunk
         assert registered >= CHUNKS, registered
+        assert request_writes >= CHUNKS, request_writes
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("write_through", ["1", "0"])
+def test_large_chunks_to_a_slow_reader_arrive_whole_and_framed(write_through):
+    """16 MB in 64 KiB chunks to a reader with a 4 KiB receive buffer: the socket takes part of a chunk, the rest is
+    left to Twisted's buffer (and the reactor); the chunked framing the client parses and the bytes stay exact."""
+    chunks = 256
+    with probe_server(write_through) as server:
+        with RawHTTPConnection(server.port, rcvbuf=SMALL_RCVBUF) as reader:
+            reader.send_get(f"/large?{chunks}", close=True)
+            status, _, body = reader.read_response()
+    assert status == 200
+    assert len(body) == chunks * 65536
+    assert body == b"".join(b"%08d" % n * 8192 for n in range(chunks))

@@ -1,0 +1,94 @@
+"""streaming/provider/transport.py: the openai client's requests over aiohttp, and a stream's body read directly by
+the relay (issue 20), against a real HTTP server on loopback (aiohttp's own web server, not Sluice's simulator).
+
+The direct read must give what httpx2's layers gave: the same events for a plain body, a compressed body still
+decoded (read through httpx2), and a provider that dies mid-body reported as the same UpstreamError as before.
+"""
+
+import asyncio
+import gzip
+import socket
+
+import pytest
+from aiohttp import web
+
+from streaming.provider import client
+from streaming.provider.errors import UpstreamError
+from streaming.provider.targets import Target
+
+EVENTS = [b'{"choices":[{"index":0,"delta":{"content":"tok%d"}}]}' % n for n in range(50)]
+BODY = b"".join(b"data: " + e + b"\n\n" for e in EVENTS) + b"data: [DONE]\n\n"
+
+
+async def _plain(request):
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for n in range(0, len(BODY), 37):  # pieces that split events anywhere
+        await response.write(BODY[n:n + 37])
+    await response.write_eof()
+    return response
+
+
+async def _gzip(request):
+    return web.Response(body=gzip.compress(BODY),
+                        headers={"content-type": "text/event-stream", "content-encoding": "gzip"})
+
+
+async def _dies(request):
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(BODY[:200])
+    request.transport.abort()  # mid-body, mid-chunk: no terminating chunk
+    return response
+
+
+async def _serve(handler):
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+async def _read_all(handler):
+    runner, url = await _serve(handler)
+    target = Target(url=url, api_key="sk-test", key=url, name="test")
+    try:
+        stream = await client.open_stream(target, {"model": "m", "messages": [], "stream": True}, "req-1")
+        direct = stream._reader is not None
+        payloads = []
+        try:
+            while (batch := await stream.read_batch()) is not None:
+                payloads.extend(event.data for event in batch)
+        finally:
+            await stream.aclose()
+        return direct, payloads
+    finally:
+        await client.close_clients()
+        await runner.cleanup()
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_plain_stream_is_read_directly_and_whole():
+    direct, payloads = asyncio.run(_read_all(_plain))
+    assert direct
+    assert payloads == [*EVENTS, b"[DONE]"]
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_compressed_stream_is_decoded_through_httpx2():
+    direct, payloads = asyncio.run(_read_all(_gzip))
+    assert not direct
+    assert payloads == [*EVENTS, b"[DONE]"]
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_provider_that_dies_mid_body_is_an_upstream_error():
+    with pytest.raises(UpstreamError) as raised:
+        asyncio.run(_read_all(_dies))
+    assert raised.value.status == 502
+    assert raised.value.code == "upstream_unreachable"  # as through the SDK's vendored transport
