@@ -23,7 +23,7 @@ import logging
 import time
 
 from django.conf import settings
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse
 from django.utils import timezone
 
 from quotas.domain import admission, ledger
@@ -41,6 +41,7 @@ from streaming.provider.endpoints import CHAT
 from streaming.provider.errors import UpstreamError
 from streaming.telemetry import live, metrics, otel
 
+from .event_stream import EventStreamResponse
 from .relay import Relay
 from .usage import read_usage
 
@@ -119,7 +120,7 @@ class Completion:
             heartbeat=self._heartbeat, on_stall=lambda: self._finish(relay, "client_stalled"), started=self.started,
             settings=settings, prompt_tokens=self.lease.prompt_tokens, max_tokens=self.lease.max_tokens,
             choices=self.chat.choices)
-        response = StreamingHttpResponse(self._stream(relay), content_type="text/event-stream", headers=STREAM_HEADERS)
+        response = EventStreamResponse(self._stream(relay), content_type="text/event-stream", headers=STREAM_HEADERS)
         return self._with_token_headers(response)
 
     async def _admit(self):
