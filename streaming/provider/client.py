@@ -191,9 +191,11 @@ class EventStream:
     """
 
     def __init__(self, response: httpx2.Response, classify=CHAT.classify):
-        self._response = response
         self._pieces = None
-        self._reader = body_reader(response)  # the body read directly, if the transport is ours (transport.py)
+        # The body read directly, if the transport is ours (transport.py). Then the httpx2 response (its request,
+        # both header lists, the request's JSON body: ~7 KB a stream) is not kept for the stream's life.
+        self._reader = body_reader(response)
+        self._response = response if self._reader is None else None
         self._parser = SSEParser()
         self._classify = classify  # the endpoint's (endpoints.py)
         self.closed = False
@@ -227,7 +229,10 @@ class EventStream:
             # A read still pending in a cancelled task unwinds by itself; a suspended iterator is closed here.
             if self._pieces is not None and not getattr(self._pieces, "ag_running", False):
                 await self._pieces.aclose()
-            await self._response.aclose()
+            if self._reader is not None:
+                await self._reader.aclose()
+            else:
+                await self._response.aclose()
 
 
 async def _post(target: Target, body: dict, request_id: str, stream: bool, path: str) -> httpx2.Response:

@@ -79,6 +79,11 @@ class ResponseGate:
         # The connection is going away: release the app; Daphne drops its later sends.
         self._may_produce.set()
 
+    @property
+    def open(self) -> bool:
+        """The app may send more (checked before awaiting `wait`: no coroutine per chunk while the client keeps up)."""
+        return self._may_produce.is_set()
+
     async def wait(self):
         await self._may_produce.wait()
 
@@ -189,7 +194,7 @@ class BackpressureServer(DrainingServer, Server):
         else:
             await self._buffered_reply(protocol, message, transport, idle)
         gate = self._gates.get(protocol)
-        if gate is not None:
+        if gate is not None and not gate.open:
             # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
             await gate.wait()
 

@@ -6,8 +6,11 @@ decoded (read through httpx2), and a provider that dies mid-body reported as the
 """
 
 import asyncio
+import gc
 import gzip
 import socket
+
+import httpx2
 
 import pytest
 from aiohttp import web
@@ -59,7 +62,9 @@ async def _read_all(handler):
     target = Target(url=url, api_key="sk-test", key=url, name="test")
     try:
         stream = await client.open_stream(target, {"model": "m", "messages": [], "stream": True}, "req-1")
-        direct = stream._reader is not None
+        gc.collect()
+        # Read directly, the stream keeps no httpx2 response (its request, headers and JSON body) for its life.
+        direct = not any(isinstance(thing, httpx2.Response) for thing in gc.get_objects())
         payloads = []
         try:
             while (batch := await stream.read_batch()) is not None:
