@@ -11,6 +11,8 @@ import email.utils
 import re
 import socket
 import time
+import urllib.parse
+import urllib.request
 import weakref
 
 import aiohttp
@@ -70,8 +72,17 @@ def _aiohttp_session() -> aiohttp.ClientSession:
     # inside the running loop.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=5.0, ssl=httpx2.create_ssl_context(),
                                      socket_factory=_upstream_socket)
-    # trust_env: aiohttp itself honours HTTP(S)_PROXY and NO_PROXY (the httpx2 client is told not to).
-    return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES, trust_env=True)
+    # Not trust_env: aiohttp would then look for a ~/.netrc on every request, in a thread. The proxy the environment
+    # names is resolved once per client instead (_environment_proxy).
+    return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES)
+
+
+def _environment_proxy(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY names for `url`, unless NO_PROXY exempts its host (what httpx2's trust_env did)."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def get_client(target: Target) -> openai.AsyncOpenAI:
@@ -91,7 +102,7 @@ def get_client(target: Target) -> openai.AsyncOpenAI:
             # for a fraction of the CPU of the default transport's pure-Python stack, on every event of every
             # stream, and the relay reads its body directly (docs/performance.md).
             http_client=openai.DefaultAsyncHttpxClient(
-                transport=AiohttpTransport(_aiohttp_session), trust_env=False,
+                transport=AiohttpTransport(_aiohttp_session, proxy=_environment_proxy(target.url)), trust_env=False,
                 timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=connect),
             ),
         )

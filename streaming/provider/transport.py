@@ -96,11 +96,13 @@ def body_reader(response: httpx2.Response) -> BodyReader | None:
 
 
 class AiohttpTransport(httpx2.AsyncBaseTransport):
-    """`session_factory()` builds the aiohttp session on the first request, inside the running loop."""
+    """`session_factory()` builds the aiohttp session on the first request, inside the running loop; `proxy`: the
+    proxy every request goes through (None: none)."""
 
-    def __init__(self, session_factory):
+    def __init__(self, session_factory, proxy: str | None = None):
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
+        self._proxy = proxy
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if self._session is None:
@@ -118,7 +120,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                 auto_decompress=False, compress=False,
                 timeout=aiohttp.ClientTimeout(sock_connect=timeout.get("connect"), sock_read=timeout.get("read"),
                                               connect=timeout.get("pool")),
-                server_hostname=request.extensions.get("sni_hostname"),
+                server_hostname=request.extensions.get("sni_hostname"), proxy=self._proxy,
             ).__aenter__()
         reader = BodyReader(response)
         extensions = {"http_version": b"HTTP/1.1", "sluice_body_reader": reader}

@@ -97,3 +97,43 @@ def test_a_provider_that_dies_mid_body_is_an_upstream_error():
         asyncio.run(_read_all(_dies))
     assert raised.value.status == 502
     assert raised.value.code == "upstream_unreachable"  # as through the SDK's vendored transport
+
+
+def test_the_environment_s_proxy_is_used_unless_no_proxy_names_the_host(monkeypatch):
+    """HTTP_PROXY and NO_PROXY as httpx2's trust_env honoured them, resolved once per client (aiohttp's own
+    trust_env would look for a ~/.netrc on every request, in a thread)."""
+    seen = []
+
+    async def proxy(request):  # a forward proxy that answers itself: the request line names the provider's URL
+        seen.append(str(request.url))
+        return await _plain(request)
+
+    async def through_proxy(no_proxy):
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", proxy)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{sock.getsockname()[1]}")
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        url = "http://provider.invalid/v1"
+        target = Target(url=url, api_key="sk-test", key=url, name="test")
+        try:
+            stream = await client.open_stream(target, {"model": "m", "messages": [], "stream": True}, "req-1")
+            payloads = []
+            while (batch := await stream.read_batch()) is not None:
+                payloads.extend(event.data for event in batch)
+            await stream.aclose()
+            return payloads
+        finally:
+            await client.close_clients()
+            await runner.cleanup()
+
+    assert asyncio.run(through_proxy("")) == [*EVENTS, b"[DONE]"]
+    assert seen == ["http://provider.invalid/v1/chat/completions"]
+    with pytest.raises(UpstreamError) as raised:  # exempt: straight to a host that does not exist
+        asyncio.run(through_proxy("provider.invalid"))
+    assert raised.value.code == "upstream_unreachable"
+    assert len(seen) == 1
