@@ -45,9 +45,9 @@ async def _dies(request):
     return response
 
 
-async def _serve(handler):
+async def _serve(handler, path="/v1/chat/completions"):
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
+    app.router.add_post(path, handler)
     runner = web.AppRunner(app)
     await runner.setup()
     sock = socket.socket()
@@ -109,14 +109,8 @@ def test_the_environment_s_proxy_is_used_unless_no_proxy_names_the_host(monkeypa
         return await _plain(request)
 
     async def through_proxy(no_proxy):
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", proxy)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{sock.getsockname()[1]}")
+        runner, proxy_url = await _serve(proxy, "/{tail:.*}")
+        monkeypatch.setenv("HTTP_PROXY", proxy_url.removesuffix("/v1"))
         monkeypatch.setenv("NO_PROXY", no_proxy)
         url = "http://provider.invalid/v1"
         target = Target(url=url, api_key="sk-test", key=url, name="test")
