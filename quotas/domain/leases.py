@@ -15,44 +15,17 @@ from django.utils import timezone
 
 from ..store import StoreUnavailable, WindowSpec, get_store
 from . import alerts
-from .admission import team_key, user_key
 from .exceptions import CounterStoreDown, QuotaExceeded
 from .money import Price
-from .policy import (Limits, clamp_max_tokens, exhausted_window, first_lease, request_windows, tokens_left,
-                     window_limit)
+from .policy import Limits, clamp_max_tokens, exhausted_window, first_lease, tokens_left, window_limit
 from .selectors import ledger_states, limits_of
+from .windows import RATED_MAX, rated_specs, template
 
 logger = logging.getLogger("quotas")
 
-# A window's record outlives the window by a day, so a late settlement still finds it.
-WINDOW_MARGIN_SECONDS = 86_400
 # A lease re-reads the user's limits at most this often, so an operator's change reaches running streams at their
 # next lease without a query per lease.
 LIMITS_REFRESH_SECONDS = 5.0
-
-
-def window_key(user_id, window):
-    """The window's record in the counter store. Token windows "d:…"/"m:…"; money windows "budget_day:…"/
-    "budget_month:…" (never the same record). A user's and their keys' under the user's hash tag; a team's pool and
-    its members' caps under the team's."""
-    scope = window.scope if window.is_money else window.scope[0]
-    name = f"{scope}:{window.key}"
-    if window.owner == "user":
-        return user_key(user_id, name)
-    if window.owner == "key":
-        return user_key(user_id, f"k{window.owner_id}:{name}")
-    if window.owner == "team":
-        return team_key(window.owner_id, name)
-    return team_key(window.owner_id, f"m{user_id}:{name}")  # a member's cap in the team's pool
-
-
-def window_specs(user_id, limits: Limits, now_dt, money: bool = False):
-    """Every window the request leases (policy.request_windows): with `money` (a priced request) the budgets' too; an
-    unpriced model costs nothing, so it has no money window."""
-    windows = request_windows(limits, now_dt, money)
-    specs = [WindowSpec(window_key(user_id, w), w.limit, w.end.timestamp() + WINDOW_MARGIN_SECONDS)
-             for w in windows]
-    return windows, specs
 
 
 async def seed_windows(user_id, windows, specs, missing, now):
@@ -81,10 +54,14 @@ class TokenLease:
         self.holder = holder
         self.price = price
         self.started_at = now_dt
-        self.windows, self.specs = window_specs(user_id, limits, now_dt, money or price is not None)
-        self.has_money = any(w.is_money for w in self.windows)
+        found = template(user_id, limits, now_dt, money or price is not None)
+        self.windows, self.specs = found.windows, list(found.specs)
+        self.money = found.money  # per window: is it a money window (Window.is_money, read once)
+        self.has_money = any(self.money)
         self._rates = {}  # kind -> nanos per token (rate)
-        self._rated_specs = {}  # kind -> (specs at that rate, rates) (_rated)
+        # rate -> (specs at that rate, rates) (_rated): the template's, shared by the leases of its windows, until a
+        # refresh changes this lease's limits.
+        self._rated_specs = found.rated
         self.held = 0  # tokens leased so far: prompt + completion
         self.held_units = [0] * len(self.specs)  # per window, in its units (tokens; nanos for money)
         self.prompt_tokens = 0
@@ -101,7 +78,7 @@ class TokenLease:
     def held_nanos(self) -> int:
         """The money the lease holds (the same in every money window: each grant takes the same tokens at the same
         rate from all of them); 0 without money windows."""
-        return min((units for w, units in zip(self.windows, self.held_units) if w.is_money), default=0)
+        return min((units for money, units in zip(self.money, self.held_units) if money), default=0)
 
     def rate(self, kind: str) -> int:
         """Nanos per token of `kind` ("input" or "output") for the money windows: at least 1, so that the store's
@@ -115,17 +92,16 @@ class TokenLease:
         return rate
 
     def _rated(self, kind):
-        """The specs at `kind`'s rate in the money windows, and the rates: built once per kind and per set of limits
-        (a lease per block reuses them)."""
-        rated = self._rated_specs.get(kind)
+        """The specs at `kind`'s rate in the money windows, and the rates: built once per rate and per set of limits
+        (a lease per block, and the next request with the same windows, reuse them)."""
+        if not self.has_money:
+            return self.specs, (1,) * len(self.specs)
+        rate = self.rate(kind)
+        rated = self._rated_specs.get(rate)
         if rated is None:
-            if not self.has_money:
-                rated = self.specs, [1] * len(self.specs)
-            else:
-                rate = self.rate(kind)
-                rates = [rate if w.is_money else 1 for w in self.windows]
-                rated = [dataclasses.replace(s, rate=r) for s, r in zip(self.specs, rates)], rates
-            self._rated_specs[kind] = rated
+            rated = rated_specs(self.money, self.specs, rate)
+            if len(self._rated_specs) < RATED_MAX:
+                self._rated_specs[rate] = rated
         return rated
 
     @property
@@ -150,11 +126,12 @@ class TokenLease:
         block × output rate, in a token window prompt + block (the store's weighted windows, WindowSpec.rate).
         Returns the tokens granted: both, or 0 (then nothing is held and the caller leases them one by one)."""
         inp, out = self.rate("input"), self.rate("output")
-        units = [prompt_tokens * inp + completion_tokens * out if w.is_money else prompt_tokens + completion_tokens
-                 for w in self.windows]
+        units = [prompt_tokens * inp + completion_tokens * out if money else prompt_tokens + completion_tokens
+                 for money in self.money]
         if not all(units):
             return 0  # nothing to weigh a unit by: one by one
-        result = await self._store_lease([dataclasses.replace(s, rate=u) for s, u in zip(self.specs, units)], 1)
+        weighed = [WindowSpec(s.key, s.limit, s.expire_at, u) for s, u in zip(self.specs, units)]
+        result = await self._store_lease(weighed, 1)
         if not result.granted:
             return 0
         self._granted(result, prompt_tokens + completion_tokens, units, self._rated("output")[1])
@@ -235,7 +212,7 @@ class TokenLease:
         if not self.has_money:
             return tokens, cost_nanos
         nanos = min(cost_nanos or 0, self.held_nanos)
-        return [nanos if w.is_money else tokens for w in self.windows], nanos
+        return [nanos if money else tokens for money in self.money], nanos
 
     async def need(self, tokens) -> bool:
         """Make sure `tokens` more completion tokens are covered; False when the quota is spent (`exhausted()`
@@ -268,7 +245,7 @@ class TokenLease:
             # Same windows (keys), new limits; a suspension stops the stream at its next lease.
             self.specs = [dataclasses.replace(s, limit=window_limit(w, limits))
                           for w, s in zip(self.windows, self.specs)]
-            self._rated_specs = {}
+            self._rated_specs = {}  # no longer the template's
 
     async def renew(self, slot_key):
         try:

@@ -97,6 +97,9 @@ def close_ledger(row: Usage, **fields) -> bool:
     the windows again.
     """
     fields.setdefault("ended_at", timezone.now())
+    if row.pk is not None and "price" in fields and fields["price"] == row.price:
+        # The row holds this price since admission (ledger_row): writing the same JSON again cost ~20 µs a request.
+        del fields["price"]
     fields["reserved_tokens"] = 0
     if row.reserved_nanos is not None:
         fields["reserved_nanos"] = 0

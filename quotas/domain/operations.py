@@ -9,7 +9,7 @@ from django.db.models import Q, Sum
 
 from ..models import AuditEntry, Usage, UserQuota
 from ..store import get_store
-from .leases import window_specs
+from .windows import window_specs
 from .policy import Limits
 from .selectors import CHARGED
 

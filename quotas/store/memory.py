@@ -21,9 +21,9 @@ class MemoryStore(CounterStore):
         # window key -> {"used": int, "leases": {holder: [tokens, expires]}, "expire_at": float}
         self._windows: dict[str, dict] = {}
 
-    def _window(self, key):
+    def _window(self, key, clock=None):
         record = self._windows.get(key)
-        if record is not None and record["expire_at"] <= time.time():
+        if record is not None and record["expire_at"] <= (time.time() if clock is None else clock):
             del self._windows[key]
             return None
         return record
@@ -72,24 +72,33 @@ class MemoryStore(CounterStore):
     async def lease(self, windows, holder, held, want, now, ttl):
         held = per_window(held, windows)
         with self._lock:
-            records = [self._window(w.key) for w in windows]
+            clock = time.time()  # once for every window: a team key's request leases 10
+            records = [self._window(w.key, clock) for w in windows]
             missing = tuple(w.key for w, r in zip(windows, records) if r is None)
             if missing:
                 return LeaseResult(0, missing=missing)
             available = []
             for window, record, mine in zip(windows, records, held):
-                leases = record["leases"]
-                for other, (_, expires) in list(leases.items()):
-                    if expires <= now:
-                        del leases[other]
-                others = sum(t for h, (t, _) in leases.items() if h != holder)
-                available.append(window.limit - record["used"] - others - mine)
+                available.append(window.limit - record["used"] - self._others(record["leases"], holder, now) - mine)
             granted = max(0, min(want, *(a // w.rate for a, w in zip(available, windows))))
             for window, record, mine in zip(windows, records, held):
                 record["leases"][holder] = [mine + granted * window.rate, now + ttl]
                 record["expire_at"] = max(record["expire_at"], window.expire_at)
             return LeaseResult(granted, remaining=tuple(max(0, a - granted * w.rate)
                                                         for a, w in zip(available, windows)))
+
+    @staticmethod
+    def _others(leases, holder, now):
+        """What the other holders' leases hold, the expired ones dropped first (one pass)."""
+        others, expired = 0, None
+        for other, (tokens, expires) in leases.items():
+            if expires <= now:
+                expired = [*(expired or ()), other]
+            elif other != holder:
+                others += tokens
+        for other in expired or ():
+            del leases[other]
+        return others
 
     async def renew(self, windows, slot_key, holder, now, ttl):
         with self._lock:
@@ -102,8 +111,9 @@ class MemoryStore(CounterStore):
 
     async def settle(self, windows, holder, charged):
         with self._lock:
+            clock = time.time()
             for window, amount in zip(windows, per_window(charged, windows)):
-                record = self._window(window.key)
+                record = self._window(window.key, clock)
                 if record is not None and record["leases"].pop(holder, None) is not None:
                     record["used"] += amount
 

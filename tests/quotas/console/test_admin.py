@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from quotas.models import ApiKey, AuditEntry, Plan, Usage, UserQuota
 from quotas.domain.policy import Limits, calendar_windows
-from quotas.domain.leases import window_specs
+from quotas.domain.windows import window_specs
 from quotas.store import get_store, reset_stores
 from tests.support.gateways import gateway_server
 

@@ -161,6 +161,38 @@ def test_a_key_whose_user_left_its_team_is_refused(priced_model, redis_url, make
     assert not Usage.objects.filter(team=team).exists()
 
 
+def test_a_change_to_a_team_its_membership_or_its_key_binds_the_very_next_request(priced_model, redis_url,
+                                                                                  make_user):
+    """A gateway reuses a request's windows for the next one with the same limits (quotas/domain/windows.py): a
+    budget lowered, a cap set, a membership removed in the database must bind the next request, not a later one."""
+    team, (person,) = make_team(make_user, members=1, budget_per_month=nanos(10**9))
+    with gateway_server(REDIS_URL=redis_url) as gateway:
+        gateway.control(default_tokens=500)
+        for _ in range(2):  # the second reuses the first's windows
+            response, row = ask(gateway, person.team_key, 100)
+            assert response.status_code == 200 and row.completion_tokens == 100
+        spent = Usage.objects.filter(team=team).aggregate(charged=Sum("charged_nanos"))["charged"]
+        Team.objects.filter(pk=team.pk).update(budget_per_month=nanos(spent + 8 * INPUT_NANOS + 30 * OUTPUT_NANOS))
+        response, row = ask(gateway, person.team_key, 100)
+        assert response.status_code == 200 and row.completion_tokens == 30  # cut at the team's new budget
+        refused, _ = ask(gateway, person.team_key, 10)
+        assert f"The team '{team.name}' used up its monthly budget (USD)" in refused.json()["error"]["message"]
+        Team.objects.filter(pk=team.pk).update(budget_per_month=nanos(10**9))
+        spent = Usage.objects.filter(team=team).aggregate(charged=Sum("charged_nanos"))["charged"]
+        cap = spent + 8 * INPUT_NANOS + 20 * OUTPUT_NANOS  # the member's spend so far counts against a new cap
+        TeamMembership.objects.filter(user=person.user).update(budget_per_month=nanos(cap))
+        response, row = ask(gateway, person.team_key, 100)
+        assert response.status_code == 200 and row.completion_tokens == 20  # the member's new cap
+        TeamMembership.objects.filter(user=person.user).update(budget_per_month=None)
+        ApiKey.objects.filter(team=team).update(budget_per_day=nanos(1))
+        refused, _ = ask(gateway, person.team_key, 10)
+        assert refused.status_code == 429 and "reached its daily spend limit" in refused.json()["error"]["message"]
+        TeamMembership.objects.filter(user=person.user).delete()
+        refused, _ = ask(gateway, person.team_key, 10)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["message"] == "This API key spends from a team its user no longer belongs to."
+
+
 def test_quota_and_headers_show_what_is_left_in_money_in_every_scope(priced_model, redis_url, make_user):
     team, (person,) = make_team(make_user, members=1, budget_per_month=nanos(2 * 10**9), cap=nanos(10**9))
     from quotas.models import UserQuota

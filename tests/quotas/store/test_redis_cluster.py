@@ -205,7 +205,7 @@ def a_requests_keys(user_id=7, team_id=3, key_id=11):
     """Sluice's own key functions for a priced request with a key that has a spend limit and spends from a team's pool
     with a member's cap: every window it leases, its concurrency slot, its rate, and its upstream's record."""
     from quotas.domain.admission import user_key
-    from quotas.domain.leases import window_specs
+    from quotas.domain.windows import window_specs
     from quotas.domain.policy import Limits, Pool
     from streaming.provider.permits import store_key
 
