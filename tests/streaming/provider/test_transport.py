@@ -131,3 +131,22 @@ def test_the_environment_s_proxy_is_used_unless_no_proxy_names_the_host(monkeypa
         asyncio.run(through_proxy("provider.invalid"))
     assert raised.value.code == "upstream_unreachable"
     assert len(seen) == 1
+
+
+def test_a_netrc_entry_for_the_provider_changes_nothing(monkeypatch, tmp_path):
+    """The provider's key is the only credential sent. With aiohttp's trust_env (once tried for the proxy) every
+    request looked for a ~/.netrc in a thread, and an entry for the provider's host made aiohttp refuse to send the
+    request at all (an Authorization header and netrc credentials together: ValueError, a 502 for every request)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    authorizations = []
+
+    async def provider(request):
+        authorizations.append(request.headers.get("authorization"))
+        return await _plain(request)
+
+    direct, payloads = asyncio.run(_read_all(provider))
+    assert payloads == [*EVENTS, b"[DONE]"]
+    assert authorizations == ["Bearer sk-test"]
