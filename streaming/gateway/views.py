@@ -18,6 +18,7 @@ from streaming.errors import MAPPED, ApiError, api_error, not_found
 from streaming.provider.client import provider_url
 from streaming.streams.completion import Completion
 from streaming.streams.embeddings import Embeddings
+from streaming.streams.event_stream import EventStreamResponse, body_writer
 from streaming.streams.responses import ResponsesCompletion
 from streaming.streams.text_completions import TextCompletion
 
@@ -40,9 +41,12 @@ def api_view(methods, csrf_exempt=True):
                 response["Allow"] = ", ".join(methods)
                 return response
             try:
-                return await view(request, *args, **kwargs)
+                response = await view(request, *args, **kwargs)
             except MAPPED as error:
                 return api_error(error).response()
+            if isinstance(response, EventStreamResponse):
+                response.writer = body_writer(request.scope)  # Sluice's server's, if it serves this request
+            return response
 
         wrapped.__name__ = view.__name__
         wrapped.csrf_exempt = csrf_exempt

@@ -159,6 +159,11 @@ class BackpressureServer(DrainingServer, Server):
             gate.channel.unregisterProducer()
 
     def create_application(self, protocol, scope):
+        gate = self._gates.get(protocol)
+        if gate is not None:
+            # The body writer (BodyWriter, below) for the application's streams, as an ASGI extension.
+            scope["extensions"] = {**scope.get("extensions", {}),
+                                   BODY_WRITER: {"writer": BodyWriter(self, protocol, gate)}}
         queue = super().create_application(protocol, scope)
         instance = self.connections.get(protocol, {}).get("application_instance")
         if instance is not None and isinstance(protocol, WebRequest):
@@ -183,22 +188,32 @@ class BackpressureServer(DrainingServer, Server):
         if message.get("type") != "http.response.body" or not message.get("more_body", False):
             await super().handle_reply(protocol, message)
             return
-        # A finished Request has no channel attribute any more (Twisted deletes it).
-        transport = getattr(getattr(protocol, "channel", None), "transport", None)
-        idle = (isinstance(transport, tcp.Connection) and not _buffered(transport)
-                and protocol not in self._written_through)
-        if idle and WRITE_THROUGH_UNREGISTERED and self._send_chunk(protocol, message, transport):
-            pass
-        elif idle and WRITE_THROUGH_UNREGISTERED:
-            await self._write_through(protocol, message, transport)
-        else:
-            await self._buffered_reply(protocol, message, transport, idle)
+        self.write_body(protocol, message.get("body", b""))
         gate = self._gates.get(protocol)
         if gate is not None and not gate.open:
             # The chunk is in Twisted's buffer; while the client is not reading, hold the app here.
             await gate.wait()
 
-    def _send_chunk(self, protocol, message, transport) -> bool:
+    def write_body(self, protocol, body: bytes) -> bool:
+        """A body chunk of a response under way (not its last): what Daphne's `handle_reply` does with an
+        `http.response.body` message with `more_body`, without its coroutine. False if the connection is gone
+        (nothing written, as Daphne drops such a message)."""
+        connection = self.connections.get(protocol)
+        if connection is None or connection.get("disconnected"):
+            return False
+        # A finished Request has no channel attribute any more (Twisted deletes it).
+        transport = getattr(getattr(protocol, "channel", None), "transport", None)
+        idle = (isinstance(transport, tcp.Connection) and not _buffered(transport)
+                and protocol not in self._written_through)
+        if not (idle and WRITE_THROUGH_UNREGISTERED and self._send_chunk(protocol, body, transport)):
+            message = {"type": "http.response.body", "body": body, "more_body": True}
+            if idle and WRITE_THROUGH_UNREGISTERED:
+                self._write_through(protocol, message, transport)
+            else:
+                self._buffered_reply(protocol, message, transport, idle)
+        return True
+
+    def _send_chunk(self, protocol, body, transport) -> bool:
         """A body chunk of a response already under way, framed and written to an idle connection's socket here, in
         one system call: what Daphne's `handle_reply`, Twisted's `Request.write` (its checks, `toChunk`'s four
         pieces), `HTTPChannel.writeSequence`, the transport's `writeSequence` and `doWrite` do for it, per token of a
@@ -210,10 +225,8 @@ class BackpressureServer(DrainingServer, Server):
         (`_buffered_reply`)."""
         if not (protocol.chunked and protocol.startedWriting) or protocol.finished or protocol._disconnected:
             return False
-        connection = self.connections.get(protocol)
-        if connection is None or connection.get("disconnected") or transport.disconnected or transport.disconnecting:
+        if transport.disconnected or transport.disconnecting:
             return False
-        body = message.get("body", b"")
         protocol.sentLength += len(body)
         if not body:
             return True
@@ -228,16 +241,16 @@ class BackpressureServer(DrainingServer, Server):
             transport.write(data[sent:])
         return True
 
-    async def _write_through(self, protocol, message, transport):
+    def _write_through(self, protocol, message, transport):
         """Write a chunk to an idle connection's socket at once, without registering the socket for write events
         first: Twisted's write() asks the reactor to watch the socket (an epoll_ctl, and asyncio's add_writer), and
         the doWrite() that empties the buffer right after asks it to stop (another epoll_ctl, remove_writer) — per
         chunk, i.e. per token of a paced stream. Only what the socket does not take (or an error, which the reactor's
         doWrite then meets and handles) is left to the reactor, which is then asked to watch the socket, as before.
         Once per connection per loop turn (see `_buffered_reply`)."""
-        transport.startWriting = _not_yet  # Daphne's handle_reply writes synchronously: no other code runs meanwhile
+        transport.startWriting = _not_yet  # handle_reply writes synchronously: no other code runs meanwhile
         try:
-            await super().handle_reply(protocol, message)
+            protocol.handle_reply(message)
         finally:
             del transport.startWriting
         if not _buffered(transport):
@@ -248,8 +261,8 @@ class BackpressureServer(DrainingServer, Server):
                 transport):
             transport.startWriting()
 
-    async def _buffered_reply(self, protocol, message, transport, idle):
-        await super().handle_reply(protocol, message)
+    def _buffered_reply(self, protocol, message, transport, idle):
+        protocol.handle_reply(message)
         if idle and not (transport.disconnected or transport.disconnecting) and _buffered(transport):
             # Write now, as asyncio's transports do when nothing is queued, rather than on the reactor's next turn
             # (which first runs every other ready callback, e.g. the relay reading more of the provider's answer):
@@ -261,6 +274,39 @@ class BackpressureServer(DrainingServer, Server):
             self._written_through.add(protocol)
             asyncio.get_running_loop().call_soon(self._written_through.discard, protocol)
             transport.doWrite()
+
+
+# The ASGI extension through which an application writes a streaming response's body chunks without a `send()`
+# message each (scope["extensions"][BODY_WRITER]["writer"]: a BodyWriter; the application's side is
+# streaming/streams/event_stream.py, which names it too: the server imports nothing of the application's).
+BODY_WRITER = "sluice.body_writer"
+
+
+class BodyWriter:
+    """One request's body chunks, written by the application itself, between the first chunk and the last (which
+    still go through `send()`): `write(chunk)` is what `send({"type": "http.response.body", "body": chunk,
+    "more_body": True})` does, without the message, the coroutine and Daphne's dispatch — per token of a paced stream
+    (docs/backpressure.md, "Direct writes"). `write` never waits: while `open` is False the client is behind and the
+    application waits on `wait()` before writing more, as `send()` would have made it wait."""
+
+    __slots__ = ("_server", "_protocol", "_gate")
+
+    def __init__(self, server, protocol, gate):
+        self._server = server
+        self._protocol = protocol
+        self._gate = gate
+
+    def write(self, chunk: bytes) -> bool:
+        """Write a chunk of a response whose head is sent; False if the connection is gone (nothing written)."""
+        return self._server.write_body(self._protocol, chunk)
+
+    @property
+    def open(self) -> bool:
+        """The client keeps up: more may be written without waiting."""
+        return self._gate.open
+
+    async def wait(self):
+        await self._gate.wait()
 
 
 def _set_reason(protocol, status):

@@ -120,7 +120,8 @@ class Completion:
             heartbeat=self._heartbeat, on_stall=lambda: self._finish(relay, "client_stalled"), started=self.started,
             settings=settings, prompt_tokens=self.lease.prompt_tokens, max_tokens=self.lease.max_tokens,
             choices=self.chat.choices)
-        response = EventStreamResponse(self._stream(relay), content_type="text/event-stream", headers=STREAM_HEADERS)
+        response = EventStreamResponse(self._stream(relay), on_direct=relay.offer_writer,
+                                       content_type="text/event-stream", headers=STREAM_HEADERS)
         return self._with_token_headers(response)
 
     async def _admit(self):

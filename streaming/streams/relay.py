@@ -1,7 +1,9 @@
 """The relay: provider events → bounded prefetch buffer → client, with backpressure end to end.
 
 A pump task reads the provider's events (classified once, streaming/provider/events.py) into a `PrefetchBuffer`;
-`parts()` takes whatever is buffered and yields it as one write. Tokens are metered through the `meter` callback
+`parts()` takes whatever is buffered and yields it as one write. Served by Sluice's server, once the first token is
+written the pump writes each part to the client itself through the server's body writer (`offer_writer`;
+docs/backpressure.md, "Direct writes"): the buffer then carries only the stream's end. Tokens are metered through the `meter` callback
 before they are buffered, so the client never receives a token its quota does not cover; the relay knows nothing
 of quotas beyond that callback. A watchdog (watchdog.py) ends the stream on a stalled client, a silent provider or
 the maximum duration, and calls `heartbeat` once a tick.
@@ -36,6 +38,7 @@ DONE_EVENT = b"data: [DONE]\n\n"
 DRAIN_SECONDS = 0.25
 OVERRUN = object()  # the provider streamed past max_tokens
 ALL_CUT = object()  # n > 1: every choice streamed past max_tokens (each was ended with "length")
+GONE = object()  # the client's connection is gone (a direct write found it closed)
 # The relays writing a response in this process now, for the server's drain (end_all).
 running: "weakref.WeakSet[Relay]" = weakref.WeakSet()
 SHUTDOWN = ApiError("The server is restarting: retry the request.", status=503, type="server_error",
@@ -98,8 +101,18 @@ class Relay:
         self.draining = False  # [DONE] came; the pump reads the rest of the provider's body
         self.settings = settings
         self._pump_task = None
+        # The server's body writer: offered when the response's parts go to the server as they are, taken by parts()
+        # after the first token's write; from then on the pump writes each part itself.
+        self._offered_writer = None
+        self.writer = None
         self._watchdog = Watchdog(self, heartbeat=heartbeat, on_stall=on_stall, settings=settings)
         self._closing = None
+
+    def offer_writer(self, writer):
+        """The server's body writer (streaming/streams/event_stream.py): parts() hands the writing to the pump once
+        the first token is written, so that a token crosses no task switch, no generator and no `send()` message on
+        its way out."""
+        self._offered_writer = writer
 
     def is_paused(self) -> bool:
         started = self.yield_started
@@ -131,6 +144,12 @@ class Relay:
                 if waited > PAUSE_SECONDS:
                     figures.pauses += 1
                     figures.paused_seconds += waited
+                if (self._offered_writer is not None and figures.first_token_at is not None and not buffer.parts
+                        and not buffer.ended):
+                    # Nothing is waiting to be written (so the pump's writes follow this one in order), the headers
+                    # are out and no heartbeat is due any more: the pump writes from now on; this generator waits
+                    # for the stream's end.
+                    self.writer, self._offered_writer = self._offered_writer, None
         finally:
             self.yield_started = None
             running.discard(self)
@@ -208,16 +227,29 @@ class Relay:
                         break
                 if parts:
                     part = parts[0] if len(parts) == 1 else b"".join(parts)
-                    # put() waits while the client is behind: meanwhile this frame holds no other copy of the
-                    # events (the read's payloads, the parts).
+                    # put() (or the writer's wait) waits while the client is behind: meanwhile this frame holds no
+                    # other copy of the events (the read's payloads, the parts).
                     batch = parts = event = data = None
-                    await self.buffer.put(part)
+                    writer = self.writer
+                    if writer is None:
+                        await self.buffer.put(part)
+                    elif writer.write(part):
+                        figures.bytes_sent += len(part)
+                        part = None
+                        if not writer.open:
+                            await self._wait_for_client(writer)
+                    else:  # the connection is gone
+                        stop = GONE
                     part = None
-                    if first:
+                    if first and writer is None:
                         first = False
                         # One loop turn, for the response to write the first token before this task reads on: a
                         # provider that is ahead would otherwise keep it relaying the rest of its answer first.
                         await asyncio.sleep(0)
+                if stop is GONE:
+                    self.outcome = self.outcome or "client_disconnected"
+                    self.buffer.end()
+                    return
                 if stop is ALL_CUT:
                     self.outcome = "completed"
                     self.buffer.end(self._ending())
@@ -250,6 +282,19 @@ class Relay:
             await self.events.aclose()
         if not self.buffer.ended:
             self.buffer.end(final)
+
+    async def _wait_for_client(self, writer):
+        """After a direct write, while the client is behind: wait as the response's `send()` would have (the wait
+        counts as a write in progress, for the watchdog's stall cut-off, the live panel and the pause figures)."""
+        self.yield_started = started = time.monotonic()
+        try:
+            await writer.wait()
+        finally:
+            self.yield_started = None
+        waited = time.monotonic() - started
+        if waited > PAUSE_SECONDS:
+            self.figures.pauses += 1
+            self.figures.paused_seconds += waited
 
     def _per_choice(self, event):
         """n > 1: each choice held to max_tokens on its own. A choice whose next delta would pass it is ended there

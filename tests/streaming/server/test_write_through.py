@@ -1,6 +1,6 @@
-"""streaming/server/backpressure.py, `_send_chunk` and `_write_through`: a paced stream's chunks reach the socket
-without the reactor being asked to watch it for each one, and without Twisted's `Request.write` (issue 20: per-token
-CPU of paced streams), on a real server process.
+"""streaming/server/backpressure.py, `_send_chunk`, `_write_through` and `BodyWriter`: a paced stream's chunks reach
+the socket without the reactor being asked to watch it for each one, and without Twisted's `Request.write` (issue 20:
+per-token CPU of paced streams), on a real server process; an app may write them itself through the body writer.
 
 A probe server (the real BackpressureServer) counts the reactor's addWriter calls and Twisted's Request.write calls
 while an app sends small chunks one loop turn apart, as a model's tokens arrive, to a client that reads them;
@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from bench.servers import HOST, start_server
+from tests.support.gateways import eventually
 from tests.support.raw_http import SMALL_RCVBUF, RawHTTPConnection
 
 CHUNKS = 300
@@ -29,7 +30,7 @@ from twisted.internet import reactor
 
 from twisted.web import http
 
-calls = {"addWriter": 0, "Request.write": 0}
+calls = {"addWriter": 0, "Request.write": 0, "writer_waits": 0, "writer_gone": 0}
 _add_writer = reactor.addWriter
 _request_write = http.Request.write
 
@@ -60,6 +61,21 @@ async def app(scope, receive, send):
         return
     count = int(scope["query_string"] or b"1")
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    if scope["path"].startswith("/writer"):  # the chunks through the server's body writer (BodyWriter)
+        writer = scope["extensions"]["sluice.body_writer"]["writer"]
+        large = scope["path"] == "/writer-large"
+        await send({"type": "http.response.body", "body": b"head\n", "more_body": True})
+        for n in range(count):
+            if not writer.write(b"%08d" % n * 8192 if large else b"data: token %d\n\n" % n):
+                calls["writer_gone"] += 1
+                return
+            if not writer.open:
+                calls["writer_waits"] += 1
+                await writer.wait()
+            if not large:
+                await asyncio.sleep(0.001)
+        await send({"type": "http.response.body", "body": b"tail\n"})
+        return
     if scope["path"] == "/large":  # 64 KiB chunks, back to back: more than a slow reader's socket takes at once
         for n in range(count):
             await send({"type": "http.response.body", "body": b"%08d" % n * 8192, "more_body": True})
@@ -123,3 +139,43 @@ def test_large_chunks_to_a_slow_reader_arrive_whole_and_framed(write_through):
     assert status == 200
     assert len(body) == chunks * 65536
     assert body == b"".join(b"%08d" % n * 8192 for n in range(chunks))
+
+
+@pytest.mark.timeout(60)
+def test_chunks_written_through_the_body_writer_arrive_in_order_between_the_sent_ones():
+    with probe_server("1") as server:
+        before = writers(server.port)
+        with RawHTTPConnection(server.port) as reader:
+            reader.send_get(f"/writer?{CHUNKS}", close=True)
+            status, _, body = reader.read_response()
+        after = writers(server.port)
+    assert status == 200
+    assert body == b"head\n" + b"".join(b"data: token %d\n\n" % n for n in range(CHUNKS)) + b"tail\n"
+    assert after["Request.write"] - before["Request.write"] <= 5
+    assert after["writer_waits"] == before["writer_waits"]  # a reader that keeps up never holds the writer
+
+
+@pytest.mark.timeout(120)
+def test_the_body_writer_holds_the_app_while_a_slow_reader_is_behind():
+    """16 MB through the writer to a reader with a 4 KiB receive buffer: `open` turns False once Twisted holds more
+    than the send buffer's worth, the app waits, and every byte arrives whole and framed."""
+    chunks = 256
+    with probe_server("1") as server:
+        with RawHTTPConnection(server.port, rcvbuf=SMALL_RCVBUF) as reader:
+            reader.send_get(f"/writer-large?{chunks}", close=True)
+            status, _, body = reader.read_response()
+        counts = writers(server.port)
+    assert status == 200
+    assert body == b"head\n" + b"".join(b"%08d" % n * 8192 for n in range(chunks)) + b"tail\n"
+    assert counts["writer_waits"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_the_body_writer_says_when_the_client_is_gone():
+    with probe_server("1") as server:
+        reader = RawHTTPConnection(server.port)
+        with reader:
+            reader.send_get("/writer?100000", close=True)
+            reader.read_head()
+        # The app writes on (a token a millisecond) and learns the connection is gone from write()'s False.
+        eventually(lambda: writers(server.port)["writer_gone"] == 1, timeout=10)

@@ -42,3 +42,28 @@ def test_content_replaced_by_a_middleware_is_iterated_djangos_way():
     response.streaming_content = upper(_parts(b"a", b"b"))
     messages = asyncio.run(_sent(response))
     assert [m.get("body") for m in messages[1:]] == [b"A", b"B", None]
+
+
+class Writer:
+    """What the relay is handed: the server's body writer stands in as an opaque object here."""
+
+
+def test_the_body_writer_is_offered_only_when_the_parts_go_to_the_server_as_they_are():
+    offered = []
+    response = EventStreamResponse(_parts(b"data: 1\n\n"), on_direct=offered.append, content_type="text/event-stream")
+    asyncio.run(_sent(response))
+    assert offered == []  # no writer: another server (Uvicorn, the test client)
+
+    writer = Writer()
+    response = EventStreamResponse(_parts(b"data: 1\n\n"), on_direct=offered.append, content_type="text/event-stream")
+    response.writer = writer
+    asyncio.run(_sent(response))
+    assert offered == [writer]
+
+    offered.clear()
+    response = EventStreamResponse(_parts(b"unused"), on_direct=offered.append, content_type="text/event-stream")
+    response.writer = writer
+    response.streaming_content = _parts(b"compressed, say")  # a middleware's content: it must see every part
+    messages = asyncio.run(_sent(response))
+    assert offered == []
+    assert [m.get("body") for m in messages[1:]] == [b"compressed, say", None]
