@@ -19,6 +19,7 @@ from .common import (
     describe_scheduling, log_exceptions, print_profile, raise_nofile, run_queue_wait, say, simulator, start_profile,
     stream_chat, summarize_errors, table, verdict,
 )
+from . import relay_floor
 
 TOKENS = 200
 # (concurrent streams, streams in all, tokens per stream, upstream tokens/s; 0 = full speed): each level runs a
@@ -137,7 +138,10 @@ def run(profile=False):
             routing = measure_routing(gw, db, sim)
             stderr = gw.stderr_text()
             scheduling = describe_scheduling([gw.process.pid, sim.pid])
-    report(rows, idle_cold, idle_warm, stderr, scheduling)
+    concurrency, _, per_stream, rate = PACED_LEVEL
+    say("gateway bench: the floor, a minimal relay at the paced level's pacing (bench.relay_floor)")
+    floor = relay_floor.measure(connections=concurrency, rate=rate, events=per_stream)
+    report(rows, idle_cold, idle_warm, stderr, scheduling, floor)
     report_routing(*routing)
     for label, out in profiles:
         print_profile(out, f"py-spy profile of the gateway (GIL holder only), {label}")
@@ -204,7 +208,7 @@ def profile_gateway(pid, name, load, seconds=8):
     return out
 
 
-def report(rows, idle_cold, idle_warm, stderr, scheduling=""):
+def report(rows, idle_cold, idle_warm, stderr, scheduling="", floor=None):
     print(f"\n## Gateway overhead: {TOKENS}-token streams at full speed, direct vs through the gateway\n")
     print(f"Gateway: `python -m streaming.server` (Daphne + backpressure), SQLite, in-process store; "
           f"idle RSS {mb(idle_cold):.1f} MB after start, {mb(idle_warm):.1f} MB after {WARMUP} warm-up requests. "
@@ -245,6 +249,11 @@ def report(rows, idle_cold, idle_warm, stderr, scheduling=""):
           f"tokens): {per_request * 1000:.1f} ms per request + {per_token * 1e6:.0f} µs per token at full speed "
           f"(several upstream events per read and per client write). Paced at {paced['rate']} tokens/s, with the "
           f"same per-request cost: {paced_per_token * 1e6:.0f} µs per token.")
+    if floor is not None:
+        print(f"\nThe floor at the paced level's pacing ({paced['concurrency']} connections, {paced['rate']} events/s "
+              f"each): a relay that only receives and sends each event (`python -m bench.relay_floor`, uvloop) spent "
+              f"{floor['us_per_event']:.1f} µs of CPU per event in this run; the gateway's paced token "
+              f"{paced['gw_cpu_us'] / floor['us_per_event']:.0f}× that (docs/performance.md, \"Paced tokens\").")
     worst_cpu = max(through["gw_cpu_us"] for _, through in rows)
     one = rows[0]
     added = one[1]["ttft_p50"] - one[0]["ttft_p50"]
