@@ -3,9 +3,9 @@
 A pump task reads the provider's events (classified once, streaming/provider/events.py) into a `PrefetchBuffer`;
 `parts()` takes whatever is buffered and yields it as one write. Served by Sluice's server, once the first token is
 written the pump writes each part to the client itself through the server's body writer (`offer_writer`;
-docs/backpressure.md, "Direct writes"): the buffer then carries only the stream's end. Tokens are metered through the `meter` callback
-before they are buffered, so the client never receives a token its quota does not cover; the relay knows nothing
-of quotas beyond that callback. A watchdog (watchdog.py) ends the stream on a stalled client, a silent provider or
+docs/backpressure.md, "Direct writes"): the buffer then carries only the stream's end. Tokens are metered through
+the `meter` callback before they are written or buffered, so the client never receives a token its quota does not
+cover; the relay knows nothing of quotas beyond that callback. A watchdog (watchdog.py) ends the stream on a stalled client, a silent provider or
 the maximum duration, and calls `heartbeat` once a tick.
 
 `close(outcome)` stops the provider and returns the `Ending` to settle; the stream's lifecycle

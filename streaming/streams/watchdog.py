@@ -18,7 +18,7 @@ class Watchdog:
     def __init__(self, relay, *, heartbeat, on_stall, settings):
         self.relay = relay
         self.heartbeat = heartbeat  # awaited every tick: the lifecycle's ledger row and lease renewal
-        self.on_stall = on_stall  # awaited when the client stalled, before its handler is cancelled
+        self.on_stall = on_stall  # awaited when the client stalled, once its handler is cancelled
         self.settings = settings
         self._task = None
 
@@ -44,10 +44,16 @@ class Watchdog:
             if relay.yield_started is not None and now - relay.yield_started > s.STREAM_STALL_TIMEOUT:
                 logger.info("client stalled for %.0f s: cutting off %s", s.STREAM_STALL_TIMEOUT, relay.request_id)
                 relay.outcome = "client_stalled"
+                # End the response first: cancelling its handler unblocks whatever it waits on (the server's send,
+                # or the stream's end while the relay writes directly) and the server drops the connection
+                # (BackpressureServer._abort_unfinished; Uvicorn closes it). This used to come after the settlement
+                # below, whose relay.close() stops this very task: the handler was never cancelled, and a client
+                # that never read again kept its connection and its handler.
+                handler.cancel()
                 # Settle here: the response generator's own finally runs only when the cancelled handler's frames
-                # are collected, which a server may delay.
+                # are collected, which a server may delay. (This task may be stopped meanwhile; the settlement is
+                # shielded.)
                 await self.on_stall()
-                handler.cancel()  # unblocks the server's send and ends the response
                 return
             figures = relay.figures
             if relay.buffer.ended:
