@@ -140,9 +140,11 @@ def test_the_list_shows_members_pools_and_zone_and_searches_by_name(admin_client
     [listed] = response.context["cl"].result_list
     assert (listed.name, listed.member_count) == ("research", 2)
     page = response.content.decode()
-    assert "100,000 tokens" in page and "Europe/Paris" in page and "ops" not in page
+    # The other team is not listed (result_list above), nor named in a row: ">ops<", not "ops", which a random
+    # CSRF token on the page may contain (a CI run's did: "…MWFRuqcorgopsyIt…").
+    assert "100,000 tokens" in page and "Europe/Paris" in page and ">ops<" not in page
     page = admin_client.get(url, {"q": "ops"}).content.decode()
-    assert "1,250.50 USD" in page and "no token limit" in page
+    assert "1,250.50 USD" in page and "no token limit" in page and ">ops<" in page  # (what the check above looks for)
 
 
 # Refusals ------------------------------------------------------------------------------------------
