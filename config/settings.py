@@ -276,6 +276,9 @@ STREAM_HEARTBEAT_INTERVAL = env_float("STREAM_HEARTBEAT_INTERVAL", 10.0)
 UPSTREAM_CONNECT_TIMEOUT = env_float("UPSTREAM_CONNECT_TIMEOUT", 5.0)
 UPSTREAM_FIRST_TOKEN_TIMEOUT = env_float("UPSTREAM_FIRST_TOKEN_TIMEOUT", 60.0)
 UPSTREAM_IDLE_TIMEOUT = env_float("UPSTREAM_IDLE_TIMEOUT", 60.0)
+# Provider streams over Sluice's own HTTP/1.1 client (streaming/provider/wire.py), whose events the relay takes in
+# the connection's callback; off: over aiohttp, as every other provider request (docs/performance.md, the fourth cut).
+UPSTREAM_STREAMS_OVER_WIRE = env_bool("UPSTREAM_STREAMS_OVER_WIRE", True)
 UPSTREAM_RETRY_DEADLINE = env_float("UPSTREAM_RETRY_DEADLINE", 20.0)
 UPSTREAM_RETRY_AFTER_CAP = env_float("UPSTREAM_RETRY_AFTER_CAP", 10.0)
 UPSTREAM_RETRY_MAX_ATTEMPTS = env_int("UPSTREAM_RETRY_MAX_ATTEMPTS", 10)

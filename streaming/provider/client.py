@@ -24,6 +24,7 @@ from .errors import UpstreamError
 from .events import Event, SSEParser
 from .targets import Target, token_limit_field  # noqa: F401 (token_limit_field: its home before targets.py)
 from .transport import AiohttpTransport, body_reader
+from .wire import WireBody, WirePool
 
 SIMULATOR_PREFIX = "/_sim"
 # One client per event loop (its aiohttp session belongs to the loop it was made on), base URL and timeouts.
@@ -77,6 +78,12 @@ def _aiohttp_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES)
 
 
+def _wire_pool() -> WirePool:
+    # The streams' own client (wire.py): the same TLS context, keep-alive and bounds as the aiohttp session's.
+    return WirePool(ssl_context=httpx2.create_ssl_context(), receive_buffer=UPSTREAM_RECEIVE_BUFFER_BYTES,
+                    read_ahead=2 * UPSTREAM_READ_BUFFER_BYTES, keepalive=5.0)
+
+
 def _environment_proxy(url: str) -> str | None:
     """The proxy HTTP(S)_PROXY names for `url`, unless NO_PROXY exempts its host (what httpx2's trust_env did)."""
     parts = urllib.parse.urlsplit(url)
@@ -102,7 +109,9 @@ def get_client(target: Target) -> openai.AsyncOpenAI:
             # for a fraction of the CPU of the default transport's pure-Python stack, on every event of every
             # stream, and the relay reads its body directly (docs/performance.md).
             http_client=openai.DefaultAsyncHttpxClient(
-                transport=AiohttpTransport(_aiohttp_session, proxy=_environment_proxy(target.url)), trust_env=False,
+                transport=AiohttpTransport(_aiohttp_session, proxy=_environment_proxy(target.url),
+                                           wire_factory=_wire_pool if settings.UPSTREAM_STREAMS_OVER_WIRE else None),
+                trust_env=False,
                 timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=connect),
             ),
         )
@@ -232,6 +241,32 @@ class EventStream:
             if payloads:
                 classify = self._classify
                 return [classify(data) for data in payloads]
+
+    def push(self, on_batch) -> bool:
+        """Hand the body's events to `on_batch` as they arrive, from the provider connection's own callback (no task
+        wakes up per event): `on_batch(events)` for each read that completed any, then `on_batch(None)` at the body's
+        end or `on_batch(error)` (an UpstreamError) if it broke off. `on_batch` returns False to stop: the body's
+        bytes then wait for `read_batch()` again. False (nothing changes) if the body is not read by Sluice's own
+        HTTP client (streaming/provider/wire.py), has ended, or has bytes waiting to be read; the caller reads on.
+        """
+        reader = self._reader
+        if reader is None or not isinstance(reader, WireBody):
+            return False
+        parser, classify = self._parser, self._classify
+
+        def on_piece(piece):
+            try:
+                payloads = parser.feed(piece)
+                if not payloads or on_batch([classify(data) for data in payloads]):
+                    return
+            except Exception as exc:  # what a read would have raised (a payload nested past the JSON parser's depth)
+                on_batch(exc)
+            reader.pull()
+
+        def on_end(exc):
+            on_batch(None if exc is None else _translate(exc))
+
+        return reader.push(on_piece, on_end)
 
     async def aclose(self):
         """Close the connection: the provider sees it and stops generating."""

@@ -84,6 +84,7 @@ class GuardedStream:
         self._renew_at = time.monotonic() + self._renew_every
         self.outcome = None
         self.closed = False
+        self._renewal = None  # a renewal due while the events were pushed (push)
         # The permit may end this stream for another user while its reader has stopped (permits.py: preemption).
         permit.attach(self)
 
@@ -119,6 +120,37 @@ class GuardedStream:
             self._renew_at = now + self._renew_every
             await permit.renew()
         return self._note(batch)
+
+    def push(self, on_batch) -> bool:
+        """The events as they arrive, handed to `on_batch` from the provider connection's callback (EventStream.push:
+        the same contract); False if they cannot be (then read_batch() as usual). The permit's bookkeeping is
+        read_batch()'s: its reader waits for the provider between two batches, and has stopped reading (it may be
+        preempted) only once `on_batch` returned False; a renewal falls due in a task of its own."""
+        permit = self._permit
+        if self._seen or self._pending is not None or permit.preempted or self.closed:
+            return False
+
+        def pushed(batch):
+            now = permit.idle_since = time.monotonic()
+            if type(batch) is not list:
+                if batch is None:
+                    self.outcome = self.outcome or OUTCOME_FAILED  # ended without [DONE]
+                elif isinstance(batch, UpstreamError):  # the provider broke off
+                    self.outcome = OUTCOME_FAILED
+                return on_batch(batch)
+            if now >= self._renew_at:
+                self._renew_at = now + self._renew_every
+                self._renewal = asyncio.ensure_future(permit.renew())
+            self._note(batch)
+            if on_batch(batch):
+                permit.idle_since = None  # waiting for the provider again
+                return True
+            return False
+
+        if not self._events.push(pushed):
+            return False
+        permit.idle_since = None
+        return True
 
     def _note(self, batch):
         for event in batch:

@@ -13,6 +13,8 @@ import contextlib
 import aiohttp
 import httpx2
 
+from .wire import WirePool
+
 # aiohttp's exceptions as httpx2's, for the openai client (which reports httpx2's as APIConnectionError and
 # APITimeoutError) and for the relay's own reads: the SDK's vendored transport's table and rule (of the matches, the
 # most derived httpx2 class), so that a failure is reported as it was before this module.
@@ -97,17 +99,28 @@ def body_reader(response: httpx2.Response) -> BodyReader | None:
 
 class AiohttpTransport(httpx2.AsyncBaseTransport):
     """`session_factory()` builds the aiohttp session on the first request, inside the running loop; `proxy`: the
-    proxy every request goes through (None: none)."""
+    proxy every request goes through (None: none); `wire_factory()`, if given, builds the pool of Sluice's own
+    HTTP/1.1 client (wire.py) that carries the requests with no read timeout — the streams, whose silences the
+    relay's watchdog bounds instead — unless they go through a proxy."""
 
-    def __init__(self, session_factory, proxy: str | None = None):
+    def __init__(self, session_factory, proxy: str | None = None, wire_factory=None):
         self._session_factory = session_factory
         self._session: aiohttp.ClientSession | None = None
         self._proxy = proxy
+        self._wire_factory = wire_factory if proxy is None else None
+        self._wire: WirePool | None = None
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        timeout = request.extensions.get("timeout", {})
+        if self._wire_factory is not None and timeout.get("read", 0) is None:
+            try:
+                data = request.content
+            except httpx2.RequestNotRead:  # a streamed request body (none of Sluice's streams has one): aiohttp's
+                pass
+            else:
+                return await self._over_wire(request, data, timeout)
         if self._session is None:
             self._session = self._session_factory()
-        timeout = request.extensions.get("timeout", {})
         try:
             data = request.content or None
         except httpx2.RequestNotRead:
@@ -129,6 +142,20 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         return httpx2.Response(status_code=response.status, headers=response.raw_headers, stream=_Body(reader),
                                request=request, extensions=extensions)
 
+    async def _over_wire(self, request, data, timeout) -> httpx2.Response:
+        if self._wire is None:
+            self._wire = self._wire_factory()
+        response = await self._wire.request(
+            request.method, request.url, request.headers.raw, data, connect_timeout=timeout.get("connect"),
+            server_hostname=request.extensions.get("sni_hostname"))
+        extensions = {"http_version": b"HTTP/1.1", "sluice_body_reader": response.body}
+        if response.reason:
+            extensions["reason_phrase"] = response.reason.encode()
+        return httpx2.Response(status_code=response.status, headers=response.headers, stream=_Body(response.body),
+                               request=request, extensions=extensions)
+
     async def aclose(self):
         if self._session is not None:
             await self._session.close()
+        if self._wire is not None:
+            await self._wire.aclose()

@@ -105,6 +105,7 @@ class Relay:
         # after the first token's write; from then on the pump writes each part itself.
         self._offered_writer = None
         self.writer = None
+        self._handoff = None  # while events are pushed: the future that hands the pump what _on_pushed leaves it
         self._watchdog = Watchdog(self, heartbeat=heartbeat, on_stall=on_stall, settings=settings)
         self._closing = None
 
@@ -166,11 +167,18 @@ class Relay:
         first = True
         try:
             while True:
-                self.reading_since = time.monotonic()
-                batch = await self.events.read_batch()
-                self.reading_since = None
+                batch = await self._next_batch()
                 if batch is None:
                     break
+                if type(batch) is not list:
+                    if batch is GONE:
+                        self.outcome = self.outcome or "client_disconnected"
+                        self.buffer.end()
+                        return
+                    raise batch  # what broke the pushed events off (an UpstreamError, or a failure of the relay's)
+                writer = self.writer
+                if writer is not None and not writer.open:
+                    await self._wait_for_client(writer)  # the client fell behind a pushed write (_on_pushed)
                 if self.draining:
                     continue
                 parts = []
@@ -282,6 +290,74 @@ class Relay:
             await self.events.aclose()
         if not self.buffer.ended:
             self.buffer.end(final)
+
+    async def _next_batch(self):
+        """The provider's next events. While the pump writes directly, they are pushed (`_on_pushed` relays a token's
+        events from the provider connection's own callback, with no task waking up) and this task gets only what
+        `_on_pushed` leaves to it: events to meter or that end the answer, the body's end (None), an error, GONE, or
+        [] when the client fell behind. Otherwise (or when the events cannot be pushed) they are read."""
+        if self.writer is not None and not self.draining:
+            self._handoff = handoff = asyncio.get_running_loop().create_future()
+            if self.events.push(self._on_pushed):
+                self.reading_since = time.monotonic()
+                try:
+                    return await handoff
+                finally:
+                    self._handoff = self.reading_since = None
+            self._handoff = None
+        self.reading_since = time.monotonic()
+        batch = await self.events.read_batch()
+        self.reading_since = None
+        return batch
+
+    def _on_pushed(self, batch) -> bool:
+        """A batch of events, pushed from the provider connection's callback: relayed here if every event is a
+        token the meter's last answer covers (or carries none), one write for the batch; otherwise (and at the end
+        of the body, or an error) what is left goes to the pump's task (`_next_batch`). True: push the next
+        batch too."""
+        handoff = self._handoff
+        if handoff is None or handoff.done():
+            return False
+        try:
+            if type(batch) is not list:
+                handoff.set_result(batch)
+                return False
+            figures, head, parts, rest = self.figures, self.HEAD, [], None
+            if self.choices > 1:
+                rest = batch
+            else:
+                for index, event in enumerate(batch):
+                    if event.kind != CHUNK or event.usage or event.finished:
+                        rest = batch[index:]
+                        break
+                    tokens = event.tokens
+                    if tokens:
+                        total = figures.completion_tokens + tokens
+                        if total > self.covered or (self.max_tokens is not None and total > self.max_tokens):
+                            rest = batch[index:]  # the meter's turn, or the provider overran max_tokens
+                            break
+                        figures.completion_tokens = total
+                    self.last_chunk = data = event.data
+                    parts.append(head + data + b"\n\n")
+            if parts:
+                part = parts[0] if len(parts) == 1 else b"".join(parts)
+                writer = self.writer
+                if not writer.write(part):
+                    handoff.set_result(GONE)
+                    return False
+                figures.bytes_sent += len(part)
+                if not writer.open:
+                    handoff.set_result(rest or [])  # the pump waits for the client first
+                    return False
+            if rest is not None:
+                handoff.set_result(rest)
+                return False
+            self.reading_since = time.monotonic()
+            return True
+        except Exception as exc:  # a failure of the relay's own: the pump reports it, as if a read had raised it
+            if not handoff.done():
+                handoff.set_result(exc)
+            return False
 
     async def _wait_for_client(self, writer):
         """After a direct write, while the client is behind: wait as the response's `send()` would have (the wait

@@ -194,3 +194,27 @@ def open_stream(gateway, key, max_tokens=1000):
     request_id = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
                       if line.lower().startswith(b"x-request-id"))
     return sock, request_id, head
+
+
+def counted_stream(gateway, key, tokens, **fields):
+    """A stream of `tokens` simulated tokens at 400 a second through the gateway, checked whole: every token in order,
+    once, then [DONE], and its ledger row settled as completed with them. Returns (request id, the events)."""
+    from streaming.simulator.app import WORDS
+
+    gateway.reset()
+    gateway.control(tokens_per_second=400, default_tokens=tokens)
+    body = {"model": "sim-small", "stream": True, "max_tokens": tokens,
+            "messages": [{"role": "user", "content": "count"}], **fields}
+    with httpx2.Client(timeout=30) as http:
+        response = http.post(gateway.api_url + "/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    request_id = response.headers["x-request-id"]
+    events = sse_events(response.content)
+    assert events[-1] == "[DONE]"
+    texts = [e["choices"][0]["delta"]["content"] for e in events[:-1]
+             if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert texts == [f" {WORDS[i % len(WORDS)]}" for i in range(tokens)]
+    row = settled_row(request_id)
+    assert (row.status, row.completion_tokens) == ("completed", tokens)
+    return request_id, events

@@ -8,11 +8,9 @@ server the tokens bypass both, while the body the client reads is unchanged. Uvi
 sends every part through Django, as before.
 """
 
-import httpx2
 import pytest
 
-from streaming.simulator.app import WORDS
-from tests.support.gateways import gateway_server, settled_row, sse_events
+from tests.support.gateways import counted_stream, gateway_server
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -65,22 +63,7 @@ def body_messages(counts, request_id):
 def test_paced_tokens_bypass_djangos_response_loop_and_arrive_whole(counted, make_user):
     server, gateway, counts = counted
     caller = make_user()
-    gateway.reset()
-    gateway.control(tokens_per_second=400, default_tokens=TOKENS)
-    body = {"model": "sim-small", "stream": True, "max_tokens": TOKENS,
-            "messages": [{"role": "user", "content": "count"}]}
-    with httpx2.Client(timeout=30) as http:
-        response = http.post(gateway.api_url + "/chat/completions", json=body,
-                             headers={"Authorization": f"Bearer {caller.key}"})
-    assert response.status_code == 200, response.text
-    request_id = response.headers["x-request-id"]
-    events = sse_events(response.content)
-    assert events[-1] == "[DONE]"
-    tokens = [e["choices"][0]["delta"]["content"] for e in events[:-1] if e["choices"] and e["choices"][0]["delta"]
-              .get("content")]
-    assert tokens == [f" {WORDS[i % len(WORDS)]}" for i in range(TOKENS)]  # every token, in order, once
-    row = settled_row(request_id)
-    assert (row.status, row.completion_tokens) == ("completed", TOKENS)
+    request_id, _ = counted_stream(gateway, caller.key, TOKENS)
     messages = body_messages(counts, request_id)
     if server == "daphne":
         # The first token (and the "stream open" comment, if the provider was slow), the end, the empty last message.
