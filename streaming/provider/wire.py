@@ -13,10 +13,16 @@ import ipaddress
 import logging
 import socket
 
+import aiohappyeyeballs
 import httptools
 import httpx2
 
 logger = logging.getLogger("streaming.provider")
+
+# How long a host name's addresses are reused before it is resolved again, and how long a connection attempt has
+# before the next address is tried as well: aiohttp's defaults (ttl_dns_cache, happy_eyeballs_delay).
+DNS_TTL = 10.0
+HAPPY_EYEBALLS_DELAY = 0.25
 
 
 class _Discard(Exception):
@@ -293,6 +299,7 @@ class WirePool:
         self._read_ahead = read_ahead
         self._keepalive = keepalive
         self._idle: dict[tuple, list[_Connection]] = {}
+        self._resolved: dict[tuple, tuple] = {}  # (host, port) -> (until when, getaddrinfo's answer)
 
     async def request(self, method: str, url: httpx2.URL, headers: list[tuple[bytes, bytes]], body: bytes, *,
                       connect_timeout: float | None = None, server_hostname: str | None = None) -> WireResponse:
@@ -362,30 +369,37 @@ class WirePool:
         return connection
 
     async def _socket(self, loop, host: str, port: int) -> socket.socket:
-        """A connected socket, its receive buffer set before connecting (it bounds the TCP window it advertises).
-        The addresses are tried in turn, as loop.create_connection does without happy eyeballs."""
-        error = None
-        try:  # an address already (a local provider, the simulator): no resolver thread
+        """A connected socket, its receive buffer set before connecting (it bounds the TCP window it advertises), by
+        aiohappyeyeballs as aiohttp connects (RFC 8305: the next address tried 0.25 s after the last, so that a host
+        whose IPv6 route is broken still connects over IPv4), to addresses resolved at most once per DNS_TTL."""
+        addresses = await self._addresses(loop, host, port)
+
+        def new_socket(address_info):
+            family, type_, proto, _, _ = address_info
+            sock = socket.socket(family, type_, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+            return sock
+
+        return await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+                                                       loop=loop, socket_factory=new_socket)
+
+    async def _addresses(self, loop, host: str, port: int) -> list:
+        try:  # an address already (a local provider, the simulator): nothing to resolve
             literal = ipaddress.ip_address(host)
         except ValueError:
-            addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            pass
         else:
             family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
-            addresses = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
-        for family, type_, proto, _, address in addresses:
-            sock = socket.socket(family, type_, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
-                sock.setblocking(False)
-                await loop.sock_connect(sock, address)
-                return sock
-            except OSError as exc:
-                sock.close()
-                error = exc
-            except BaseException:
-                sock.close()
-                raise
-        raise error or OSError(f"No address found for {host}.")
+            return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+        now = loop.time()
+        cached = self._resolved.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not addresses:
+            raise OSError(f"No address found for {host}.")
+        self._resolved[(host, port)] = (now + DNS_TTL, addresses)
+        return addresses
 
     def _idle_connection(self, key: tuple) -> _Connection | None:
         connections = self._idle.get(key)

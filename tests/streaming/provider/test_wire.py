@@ -438,6 +438,35 @@ def test_a_refused_port_is_a_connect_error(run):
     run(scenario())
 
 
+def test_a_host_name_is_resolved_once_per_dns_ttl_and_connected_by_happy_eyeballs():
+    """A provider named by a host name (api.openai.com's case; the other tests use addresses): two new connections
+    within DNS_TTL resolve the name once. On asyncio's loop only, whose getaddrinfo can be wrapped to count calls."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        resolved = []
+        getaddrinfo = loop.getaddrinfo
+
+        async def counting(host, *args, **kwargs):
+            resolved.append(host)
+            return await getaddrinfo(host, *args, **kwargs)
+
+        loop.getaddrinfo = counting
+        async with Raw(lambda reader, writer, n: answer_forever(
+                reader, writer, sized(b"hi", b"Connection: close\r\n"))) as server:
+            pool = WirePool()
+            url = httpx2.URL(f"http://localhost:{server.port}/v1/chat/completions")
+            for _ in range(2):
+                response = await post(pool, url)
+                assert await read_all(response.body) == b"hi"
+                await response.body.aclose()
+            assert server.accepted == 2  # the server closed the first: a second connection
+            assert resolved == ["localhost"]
+            await pool.aclose()
+
+    with asyncio.Runner() as runner:
+        runner.run(asyncio.wait_for(scenario(), 20))
+
+
 def test_a_malformed_status_line_is_a_remote_protocol_error(run):
     async def handler(reader, writer, n):
         await read_request(reader)
