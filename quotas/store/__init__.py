@@ -13,11 +13,14 @@ __all__ = ["get_store", "CounterStore", "LeaseResult", "RateResult", "SlotResult
 # Async Redis connections belong to one event loop, so there is one store per loop.
 _stores: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CounterStore]" = weakref.WeakKeyDictionary()
 _by_path = {}
+_classes = {}  # dotted path -> class: get_store() is called several times a request, import_string costs a lookup
 
 
 def get_store() -> CounterStore:
     path = settings.SLUICE_COUNTER_STORE
-    cls = import_string(path)
+    cls = _classes.get(path)
+    if cls is None:
+        cls = _classes[path] = import_string(path)
     if not cls.per_event_loop:
         if path not in _by_path:
             _by_path[path] = cls()
