@@ -111,6 +111,13 @@ async def read_request(reader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+async def chunked_head(reader, writer):
+    """Reads the request and answers with a chunked event stream's head (the body is the test's)."""
+    await read_request(reader)
+    writer.write(CHUNKED_HEAD)
+    await writer.drain()
+
+
 def headers(url: httpx2.URL, body: bytes = b"") -> list[tuple[bytes, bytes]]:
     return [(b"Host", url.netloc), (b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(body))]
 
@@ -210,9 +217,7 @@ def test_pushed_pieces_arrive_from_data_received_and_the_end_once(run):
     go = []
 
     async def handler(reader, writer, n):
-        await read_request(reader)
-        writer.write(CHUNKED_HEAD)
-        await writer.drain()
+        await chunked_head(reader, writer)
         await eventually(lambda: go)
         for n in range(0, len(BODY), 100):
             writer.write(chunked(BODY[n:n + 100], 100)[:-5])  # one chunk per write
@@ -246,9 +251,7 @@ def test_pull_from_inside_on_piece_returns_later_pieces_to_read(run):
     pieces_sent = [BODY[n:n + 100] for n in range(0, len(BODY), 100)]
 
     async def handler(reader, writer, n):
-        await read_request(reader)
-        writer.write(CHUNKED_HEAD)
-        await writer.drain()
+        await chunked_head(reader, writer)
         await eventually(lambda: go)
         # One write of many chunks: one socket read, most likely, and several on_body calls.
         writer.write(b"".join(chunked(piece, 100)[:-5] for piece in pieces_sent) + b"0\r\n\r\n")
@@ -366,9 +369,7 @@ def test_a_connection_lost_mid_chunk_is_a_read_error(run):
     go = []
 
     async def handler(reader, writer, n):
-        await read_request(reader)
-        writer.write(CHUNKED_HEAD)
-        await writer.drain()
+        await chunked_head(reader, writer)
         if n == 1:  # the second, pushed: the body once the client has called push()
             await eventually(lambda: go)
         writer.write(chunked(BODY[:200])[:150])  # mid-chunk, no terminating chunk
@@ -739,9 +740,7 @@ def test_an_exception_from_on_piece_is_logged_and_fails_the_body(run, caplog):
     go = []
 
     async def handler(reader, writer, n):
-        await read_request(reader)
-        writer.write(CHUNKED_HEAD)
-        await writer.drain()
+        await chunked_head(reader, writer)
         await eventually(lambda: go)
         writer.write(chunked(b"data: boom\n\n")[:-5])
         await writer.drain()
@@ -774,9 +773,7 @@ def test_an_exception_from_on_end_is_logged_and_the_connection_not_reused(run, c
     go = []
 
     async def handler(reader, writer, n):
-        await read_request(reader)
-        writer.write(CHUNKED_HEAD)
-        await writer.drain()
+        await chunked_head(reader, writer)
         await eventually(lambda: go)
         writer.write(chunked(b"data: x\n\n"))
         await read_request(reader)
