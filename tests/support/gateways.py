@@ -18,7 +18,10 @@ from django.db import connection
 from bench.servers import start_server
 
 # A Redis database of its own per test run (runs on one machine may overlap).
-REDIS_TEST_URL = os.environ.get("SLUICE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
+# A Redis database of the test process's own (tests flush it): by pytest-xdist worker (./dev test runs two), else by pid.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_DATABASE = 1 + (int(_WORKER[2:]) if _WORKER[2:].isdigit() else os.getpid()) % 15
+REDIS_TEST_URL = os.environ.get("SLUICE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_DATABASE}")
 
 SERVERS = {
     "daphne": [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", "{port}", "config.asgi:application"],
