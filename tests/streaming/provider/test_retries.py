@@ -226,9 +226,12 @@ def test_a_provider_silent_mid_answer_is_cut_after_the_idle_timeout(make_user):
     with gateway_server(**{**FAST, "UPSTREAM_IDLE_TIMEOUT": 1, "UPSTREAM_RETRY_DEADLINE": 0}) as gateway:
         gateway.control(stall_midstream_after=3)  # three tokens, then silence on an open connection
         client = openai.OpenAI(base_url=gateway.api_url, api_key=caller.key, max_retries=0)
+        # From before the request: the gateway's silence clock starts at the provider's last token, which may reach the
+        # gateway before create() returns here (with the response's first bytes): a clock started after create() runs
+        # short by that delivery (0.997 s in a CI rehearsal under load).
+        started, tokens = time.monotonic(), []
         stream = client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "hi"}],
                                                 stream=True, max_tokens=20)
-        started, tokens = time.monotonic(), []
         with pytest.raises(openai.APIError) as raised:
             for chunk in stream:
                 tokens += [c.delta.content for c in chunk.choices if c.delta.content]

@@ -64,7 +64,9 @@ async def _read_all(handler):
         stream = await client.open_stream(target, {"model": "m", "messages": [], "stream": True}, "req-1")
         gc.collect()
         # Read directly, the stream keeps no httpx2 response (its request, headers and JSON body) for its life.
-        direct = not any(isinstance(thing, httpx2.Response) for thing in gc.get_objects())
+        # type(), not isinstance(): a weakref proxy among the objects (another test's, whose referent died) would raise
+        # ReferenceError when asked for its class.
+        direct = not any(issubclass(type(thing), httpx2.Response) for thing in gc.get_objects())
         payloads = []
         try:
             while (batch := await stream.read_batch()) is not None:
