@@ -1,10 +1,11 @@
 """TTFT at one stream, direct to the simulator and through the gateway, alternating, for one answer length and pace.
 
-    python -m bench.ttft_probe [--tokens 200] [--rate 0] [--requests 200] [--default-slice]
+    python -m bench.ttft_probe [--tokens 200] [--rate 0] [--provider-ttft 0] [--requests 200] [--default-slice]
 
 A diagnostic for the gateway bench's one-stream TTFT (docs/performance.md, "TTFT at one stream"): the same
 sequential requests, in four alternating rounds of direct and gateway so that drift on a shared machine hits both,
-with the answer length and the simulator's pace (tokens/s, 0 = full speed) as parameters. It prints TTFT p50/p99
+with the answer length, the simulator's pace (tokens/s, 0 = full speed) and its own time to a first token (a real
+model's is tens to hundreds of ms: what the gateway does meanwhile costs the client nothing) as parameters. It prints TTFT p50/p99
 for both paths, the difference of the medians, and how long the load generator waited for a core per request.
 Like `python -m bench`, it runs with a short time slice (bench/common.py, LOAD_GENERATOR_SLICE_NS) unless
 `--default-slice` keeps the kernel's default, to show what the load generator's own scheduling adds.
@@ -44,6 +45,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.ttft_probe", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=200, help="answer length (default 200)")
     parser.add_argument("--rate", type=float, default=0.0, help="simulator tokens/s, 0 = full speed (default)")
+    parser.add_argument("--provider-ttft", type=float, default=0.0,
+                        help="the simulator's own time to its first token, in seconds (default 0)")
     parser.add_argument("--requests", type=int, default=200, help="per path (default 200)")
     parser.add_argument("--default-slice", action="store_true",
                         help="keep the kernel's default time slice for the load generator")
@@ -54,7 +57,7 @@ def main(argv=None):
     body = chat_body(args.tokens)
     direct, through, direct_waits, through_waits = [], [], [], []
     with bench_database() as db, simulator() as sim, gateway("serve", gateway_env(db, sim.port)) as gw:
-        sim.control(tokens_per_second=args.rate)
+        sim.control(tokens_per_second=args.rate, ttft_seconds=args.provider_ttft)
         asyncio.run(sequential(gw.port, db.api_key, body, WARMUP))
         asyncio.run(sequential(sim.port, None, body, WARMUP))
         for _ in range(ROUNDS):
@@ -62,6 +65,8 @@ def main(argv=None):
             timed_round(gw.port, db.api_key, body, args.requests // ROUNDS, through, through_waits)
         scheduling = describe_scheduling([gw.process.pid, sim.pid])
     pace = f"{args.rate:g} tokens/s" if args.rate else "full speed"
+    if args.provider_ttft:
+        pace += f", the provider's first token after {args.provider_ttft * 1000:g} ms"
     print(f"{args.tokens}-token answers at {pace}, {len(direct)} sequential requests per path. {scheduling}")
     print(f"  direct  TTFT p50 {percentile(direct, 50):.2f} ms, p99 {percentile(direct, 99):.2f} ms")
     print(f"  gateway TTFT p50 {percentile(through, 50):.2f} ms, p99 {percentile(through, 99):.2f} ms")

@@ -247,6 +247,23 @@ class TokenLease:
                           for w, s in zip(self.windows, self.specs)]
             self._rated_specs = {}  # no longer the template's
 
+    async def holds(self) -> bool:
+        """Whether every window still holds this lease (its expiry pushed back as well): False when a window's record
+        was dropped (Redis restarted, flushed, evicted) and rebuilt from a ledger that did not show this request's
+        row yet — admission's check once the row is in (streaming/streams/completion.py, `_confirm_admission`)."""
+        try:
+            return await get_store().renew(self.specs, None, self.holder, time.time(), settings.QUOTA_SLOT_TTL)
+        except StoreUnavailable:
+            logger.warning("counter store unavailable: token quota fails closed")
+            alerts.counter_store_down()
+            raise CounterStoreDown("quota") from None
+
+    def forget(self):
+        """Hold nothing again, the block back to its first size: before admitting again a lease the store lost."""
+        self.held = 0
+        self.held_units = [0] * len(self.specs)
+        self.block = settings.QUOTA_LEASE_BLOCK_TOKENS
+
     async def renew(self, slot_key):
         try:
             await get_store().renew(self.specs, slot_key, self.holder, time.time(), settings.QUOTA_SLOT_TTL)

@@ -99,8 +99,11 @@ class CounterStore:
         raise NotImplementedError
 
     async def renew(self, windows: list[WindowSpec], slot_key: str | None, holder: str, now: float,
-                    ttl: float) -> None:
-        """Heartbeat: push back the expiry of the holder's leases and slot."""
+                    ttl: float) -> bool:
+        """Heartbeat: push back the expiry of the holder's leases and slot. True if every window still held the
+        holder's lease (its own, or a rebuild's placeholder for it); False if any had lost it (a record dropped
+        and rebuilt, or missing: nothing is created). The admission's check after the ledger row's insert
+        (TokenLease.confirm) relies on it."""
         raise NotImplementedError
 
     async def settle(self, windows: list[WindowSpec], holder: str, charged) -> None:

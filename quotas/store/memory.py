@@ -101,13 +101,17 @@ class MemoryStore(CounterStore):
         return others
 
     async def renew(self, windows, slot_key, holder, now, ttl):
+        held = True
         with self._lock:
             for window in windows:
                 record = self._window(window.key)
                 if record is not None and holder in record["leases"]:
                     record["leases"][holder][1] = now + ttl
+                else:
+                    held = False
             if slot_key is not None and holder in self._slots.get(slot_key, {}):
                 self._slots[slot_key][holder] = now + ttl
+        return held
 
     async def settle(self, windows, holder, charged):
         with self._lock:

@@ -143,20 +143,22 @@ return {granted, {}, remaining}
 # KEYS = windows, then the slot hash (or none); ARGV: holder, now, ttl
 RENEW = """
 local holder, expires = ARGV[1], tonumber(ARGV[2]) + tonumber(ARGV[3])
-local n = #KEYS
+local n, held = #KEYS, 1
 if ARGV[4] == '1' then n = n - 1 end
 for i = 1, n do
   local value = redis.call('HGET', KEYS[i], 'h:' .. holder)
   if value then
     local sep = string.find(value, ':')
     redis.call('HSET', KEYS[i], 'h:' .. holder, string.sub(value, 1, sep - 1) .. ':' .. expires)
+  else
+    held = 0
   end
 end
 if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[#KEYS], holder) == 1 then
   redis.call('HSET', KEYS[#KEYS], holder, expires)
   redis.call('PEXPIRE', KEYS[#KEYS], math.ceil(tonumber(ARGV[3]) * 1000))
 end
-return 1
+return held
 """
 
 # KEYS = windows; ARGV: holder, then the units charged per window
@@ -383,10 +385,13 @@ class RedisStore(CounterStore):
 
     async def renew(self, windows, slot_key, holder, now, ttl):
         keys = [w.key for w in windows] + ([slot_key] if slot_key else [])
+        held = True
         for group in self._by_slot(keys):
             # The slot hash is the last key, and so the last of its group: the script renews it when told so.
             with_slot = bool(slot_key) and group[-1] == len(keys) - 1
-            await self._call(self._renew, [keys[i] for i in group], [holder, repr(now), ttl, "1" if with_slot else "0"])
+            held &= bool(await self._call(self._renew, [keys[i] for i in group],
+                                          [holder, repr(now), ttl, "1" if with_slot else "0"]))
+        return held
 
     async def settle(self, windows, holder, charged):
         # Per group in cluster mode, each group atomic: a settlement sent again after a failure half-way charges only

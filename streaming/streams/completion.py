@@ -1,16 +1,20 @@
 """One completion's whole life, top to bottom: admit → open the provider's stream → relay → settle.
 
-    admit     take a concurrent-stream slot, check the model, insert the ledger row (status `streaming`), then
-              lease the prompt and a first block of tokens (a refusal is settled at once, as a `rejected` row);
-    open      ask the provider, with retries before the first byte (streaming/provider/retries.py);
+    admit     take a concurrent-stream slot, check the model, lease the prompt and a first block of tokens (a
+              refusal is settled at once, as a `rejected` row), then start inserting the ledger row (status
+              `streaming`) while the provider is asked;
+    open      ask the provider, with retries before the first byte (streaming/provider/retries.py); before its
+              answer goes out, the row is in and the lease confirmed (`_confirm_admission`);
     relay     provider → client with backpressure (relay.py), metering through `_cover`;
     settle    `_settle`, exactly once whatever happened: the ledger row (the truth), the token lease (charged what
               was delivered, the rest returned), the slot — the only place that releases it.
 
-The ledger row is inserted before any token is leased, so that a counter store rebuilt from the ledger at any
-moment counts every admitted request (docs/quotas.md). While a stream runs, its row records progress (the
-completion tokens sent) at each lease and each renewal: if this process dies, another settles the row from it
-(quotas/domain/recovery.py).
+A counter store rebuilt from the ledger counts every admitted request whose row is in (docs/quotas.md). The row's
+insert runs while the provider is asked (off the first token's path); a rebuild between the lease and the row's
+commit would miss the request, so once the row is in the lease is confirmed, and taken again (or refused) where a
+window lost it — before anything is delivered, so no window is exceeded. While a stream runs, its row records
+progress (the completion tokens sent) at each lease and each renewal: if this process dies, another settles the row
+from it (quotas/domain/recovery.py).
 
 `Completion` is a chat completion's; the other endpoints' (responses.py, text_completions.py, embeddings.py) subclass
 it and override what differs: the provider's endpoint, the prompt's count, the provider's body, the relay's wire
@@ -79,6 +83,7 @@ class Completion:
                                 key_id=caller.api_key_id)
         self.slot_key = None
         self.row = None  # the ledger row, inserted at admission (or, for a refusal before that, at settlement)
+        self._row_insert = None  # the row's insert, a task running while the provider is asked
         self.relay = None
         self._progress = set()  # progress writes in flight (kept referenced until done)
         self._renewed_at = self.started
@@ -99,6 +104,7 @@ class Completion:
             if not self.chat.stream:
                 raw, self.served_by = await retries.complete(
                     self.route.targets, self._body_for, self.request_id, self.caller.user_id, self.endpoint)
+                await self._confirm_admission()
                 if self._otel is not None:
                     self._otel.answer(raw)
                 await self._settle("completed", reported_usage=_usage_of(raw))
@@ -106,6 +112,15 @@ class Completion:
             events = await retries.open_stream(self.route.targets, self._body_for, self.request_id,
                                                self.caller.user_id, self.endpoint)
             self.served_by = events.target
+            try:
+                await self._confirm_admission()
+            except BaseException:
+                await asyncio.shield(events.aclose())
+                raise
+        except QuotaRefusal as refusal:  # the lease lost to a store rebuild, and no room left for it
+            metrics.REFUSALS.labels(refusal.code).inc()
+            await self._settle("rejected", reason=refusal.code, charge_prompt=False)
+            raise
         except UpstreamError as error:
             self.served_by = error.target  # the deployment that failed or refused last (the dashboard's error rate)
             await self._settle("upstream_error", reason=error.code, charge_prompt=False)
@@ -143,7 +158,6 @@ class Completion:
             self.slot_key = await admission.acquire_slot(caller.user_id, limits, self.request_id, time.time())
             if not self.route.allows(limits):
                 raise ModelNotAllowed(chat.model)
-            await ledger.open_ledger(self.row)
             await self._lease_admission(prompt_tokens)
         except QuotaRefusal as refusal:
             metrics.REFUSALS.labels(refusal.code).inc()
@@ -156,6 +170,29 @@ class Completion:
         except BaseException:
             await self._settle("client_disconnected", charge_prompt=False)
             raise
+        # Off the first token's path: the provider is asked meanwhile (`_confirm_admission` waits for it). A task of
+        # its own, so that a cancelled request still finds the row's fate at settlement.
+        self._row_insert = asyncio.ensure_future(ledger.open_ledger(self.row))
+
+    async def _confirm_admission(self):
+        """Before the provider's answer goes out: the ledger row is in (its insert's error raised here), and every
+        window still holds the admission's lease. One that lost it (dropped and rebuilt from the ledger between the
+        lease and the row's commit: the rebuild could not count the request) gets the admission's lease again, as
+        far as it now has room — else the request is refused (QuotaRefusal), having delivered nothing."""
+        await self._row_insert
+        lease = self.lease
+        if await lease.holds():
+            return
+        logger.warning("request %s: its lease was lost to a counter store rebuild before its ledger row was in; "
+                       "admitting it again", self.request_id)
+        max_tokens = lease.max_tokens
+        lease.forget()
+        await self._lease_admission(lease.prompt_tokens)
+        if not self.chat.stream and lease.max_tokens < max_tokens:
+            # The whole answer is here already, generated for the first clamp: it is delivered in full or not at all.
+            refusal = lease.exhausted()
+            await lease.release()
+            raise refusal
 
     async def _stream(self, relay):
         """The response's content; its `finally` settles however the stream ends."""
@@ -226,6 +263,11 @@ class Completion:
             self._otel.end(status, prompt_tokens, completion_tokens, self.served_by, reason=reason, ttft=ttft,
                            max_tokens=lease.max_tokens)
         settled_here = False
+        if self._row_insert is not None:
+            # Whatever became of the insert (an error: the row goes in now, with its ending: close_ledger).
+            await asyncio.wait([self._row_insert])
+            if not self._row_insert.cancelled():
+                self._row_insert.exception()
         try:
             settled_here = await ledger.close_ledger(self.row, **fields)
         finally:

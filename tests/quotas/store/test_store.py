@@ -115,6 +115,27 @@ async def test_seed_leaves_an_existing_window_alone(store):
     assert await store.usage(w.key, 1000.0) == (5, 0)
 
 
+async def test_renew_says_whether_every_window_still_holds_the_lease(store):
+    # Admission checks its lease this way once its ledger row is in (TokenLease.confirm): a window dropped and
+    # rebuilt from a ledger that did not show the row yet has lost the lease. Two hash tags: two slots on a cluster.
+    user, team = window("{u7}:day", limit=100), window("{t3}:day", limit=100)
+    for w in (user, team):
+        await store.seed(w, 0, {}, 1000.0, 30)
+    assert (await store.lease([user, team], "r1", 0, 40, 1000.0, 30)).granted == 40
+    assert await store.renew([user, team], None, "r1", 1001.0, 30) is True
+    # A placeholder seeded for the holder (a rebuild that saw its row) counts as holding it.
+    await store.delete(team.key)
+    await store.seed(team, 0, {"r1": 60}, 1002.0, 30)
+    assert await store.renew([user, team], None, "r1", 1003.0, 30) is True
+    # Rebuilt without it (the row not yet committed when the ledger was read), or missing: not held.
+    await store.delete(user.key)
+    assert await store.renew([user, team], None, "r1", 1004.0, 30) is False
+    await store.seed(user, 0, {}, 1005.0, 30)
+    assert await store.renew([user, team], None, "r1", 1006.0, 30) is False
+    assert await store.usage(user.key, 1006.0) == (0, 0)  # a renewal creates nothing
+    assert await store.renew([user, team], None, "nobody", 1006.0, 30) is False
+
+
 async def test_expired_leases_free_their_tokens(store):
     w = window(limit=100)
     await store.seed(w, 0, {}, 1000.0, 30)
