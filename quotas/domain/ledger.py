@@ -6,8 +6,7 @@ The ledger is the truth about tokens spent; the counter store is a cache of it (
 import functools
 
 from django.db import connection, transaction
-from django.db.models import F, Q, Value
-from django.db.models.functions import Greatest
+from django.db.models import Q
 from django.utils import timezone
 
 from ..models import DailyUsage, Usage
@@ -34,10 +33,19 @@ def ledger_row(*, request_id, user_id, api_key_id, model, stream, reserved_token
 
 @database
 def open_ledger(row: Usage):
-    """Insert the row of an admitted request (status `streaming`, holding its reservation), before its tokens are
-    leased: a counter store rebuilt from the ledger from then on counts the request (docs/quotas.md)."""
+    """Insert the row of an admitted request (status `streaming`, holding its reservation), while its provider is
+    asked and before anything is delivered: a counter store rebuilt from the ledger from then on counts the request
+    (docs/quotas.md)."""
     row.heartbeat_at = timezone.now()
-    row.save(force_insert=True)
+    fields, sql, returning = _insert_sql(connection.vendor)
+    # What the ORM's insert does for each field (pre_save, then the database's value), without compiling the
+    # statement each time: `Model.save()` cost ~150 µs more a row (docs/performance.md, "Prepared ledger writes").
+    values = [field.get_db_prep_save(field.pre_save(row, True), connection) for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        meta = Usage._meta
+        row.pk = (cursor.fetchone()[0] if returning
+                  else connection.ops.last_insert_id(cursor, meta.db_table, meta.pk.column))
     return row
 
 
@@ -46,9 +54,11 @@ def record_progress(row_id, completion_tokens: int):
     """A running request's sign of life and the completion tokens it has sent so far (never lowered; nothing once
     it has settled): what is charged if its process dies (`claim_abandoned`)."""
     # One UPDATE (two before: the count, then the heartbeat): a write per block leased and per renewal of every
-    # running stream (bench/bench_ledger.py counts a request's statements).
-    Usage.objects.filter(pk=row_id, status=Usage.Status.STREAMING).update(
-        completion_tokens=Greatest(F("completion_tokens"), Value(completion_tokens)), heartbeat_at=timezone.now())
+    # running stream (bench/bench_ledger.py counts a request's statements); its SQL written once per database.
+    sql, heartbeat = _progress_sql(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, (completion_tokens, completion_tokens,
+                             heartbeat.get_db_prep_save(timezone.now(), connection), row_id, Usage.Status.STREAMING))
 
 
 @database
@@ -111,10 +121,12 @@ def close_ledger(row: Usage, **fields) -> bool:
         if row.pk is None:
             row.save(force_insert=True)
         else:
-            names = [*fields, "duration_ms"]
-            if not Usage.objects.filter(pk=row.pk, status=Usage.Status.STREAMING).update(
-                    **{name: getattr(row, name) for name in names}):
-                return False
+            columns, sql = _settle_sql(connection.vendor, (*fields, "duration_ms"))
+            with connection.cursor() as cursor:
+                cursor.execute(sql, [*(field.get_db_prep_save(getattr(row, field.attname), connection)
+                                       for field in columns), row.pk, Usage.Status.STREAMING])
+                if not cursor.rowcount:
+                    return False
         _roll_up(row)
     return True
 
@@ -131,6 +143,46 @@ def record_refusal(*, request_id, user_id, api_key_id, model, code, limits: Limi
     )
     _roll_up(row)
     return row
+
+
+# Prepared ledger writes: the statements on every request's path (its insert, its progress, its settlement), written
+# once per database from the model's fields, each value converted by its field as the ORM's own write would
+# (`get_db_prep_save`). The ORM compiled each of them on every call: docs/performance.md, "Prepared ledger writes".
+
+def _quoted(name):
+    return connection.ops.quote_name(name)
+
+
+@functools.cache
+def _insert_sql(vendor):
+    """(the fields, `INSERT INTO usage (…) VALUES (…) [RETURNING id]`, whether it returns the id)."""
+    meta = Usage._meta
+    fields = [field for field in meta.concrete_fields if not field.primary_key]
+    returning = connection.features.can_return_columns_from_insert
+    sql = (f"INSERT INTO {_quoted(meta.db_table)} ({', '.join(_quoted(f.column) for f in fields)}) "
+           f"VALUES ({', '.join(['%s'] * len(fields))})"
+           + (f" RETURNING {_quoted(meta.pk.column)}" if returning else ""))
+    return fields, sql, returning
+
+
+@functools.cache
+def _progress_sql(vendor):
+    """The progress UPDATE (the count never lowered: CASE, which both databases know) and the heartbeat's field."""
+    meta = Usage._meta
+    count, heartbeat = _quoted(meta.get_field("completion_tokens").column), meta.get_field("heartbeat_at")
+    return (f"UPDATE {_quoted(meta.db_table)} SET {count} = CASE WHEN {count} > %s THEN {count} ELSE %s END, "
+            f"{_quoted(heartbeat.column)} = %s "
+            f"WHERE {_quoted(meta.pk.column)} = %s AND {_quoted(meta.get_field('status').column)} = %s"), heartbeat
+
+
+@functools.lru_cache(maxsize=64)
+def _settle_sql(vendor, names):
+    """The settlement's UPDATE of the fields `names` (a few sets: with or without figures, a price, usage details),
+    only while the row is still `streaming`."""
+    meta = Usage._meta
+    fields = [meta.get_field(name) for name in names]
+    return fields, (f"UPDATE {_quoted(meta.db_table)} SET {', '.join(f'{_quoted(f.column)} = %s' for f in fields)} "
+                    f"WHERE {_quoted(meta.pk.column)} = %s AND {_quoted(meta.get_field('status').column)} = %s")
 
 
 _ROLL_UP_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "refusals", "upstream_errors")

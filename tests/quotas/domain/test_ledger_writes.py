@@ -40,3 +40,44 @@ def test_a_settled_row_takes_no_more_progress(row):
     ledger.record_progress.sync(row.pk, 90)
     after = Usage.objects.get(pk=row.pk)
     assert (after.completion_tokens, after.heartbeat_at) == (50, settled.heartbeat_at)
+
+
+def _rich_row(user, request_id, started_at):
+    from decimal import Decimal
+
+    from quotas.domain.money import Price
+
+    price = Price(input=Decimal("1.25"), output=Decimal("4"))
+    return ledger.ledger_row(request_id=request_id, user_id=user.pk, api_key_id=None, model="m-priced", stream=False,
+                             reserved_tokens=1234, reserved_nanos=98_765_432_101_234, price=price,
+                             windows=calendar_windows(Limits(0, 0, 0, 0, 0, ()), started_at), started_at=started_at)
+
+
+def _values(request_id):
+    return {k: v for k, v in Usage.objects.filter(request_id=request_id).values().get().items()
+            if k not in ("id", "request_id")}
+
+
+def test_the_prepared_writes_store_what_the_orm_would(django_user_model):
+    # The insert and the settlement are written as SQL of their own (no compilation per request): every column must
+    # come out as the ORM's own save and update would have written it (dates, JSON, big integers, booleans, nulls).
+    user = django_user_model.objects.create_user("prepared")
+    started = timezone.now().replace(microsecond=123456)
+    mine, orms = _rich_row(user, "req_prepared", started), _rich_row(user, "req_orm", started)
+    with CaptureQueriesContext(connection) as captured:
+        ledger.open_ledger.sync(mine)
+    assert len(captured.captured_queries) == 1 and mine.pk
+    orms.heartbeat_at = mine.heartbeat_at
+    orms.save(force_insert=True)
+    assert _values("req_prepared") == _values("req_orm")
+    ending = {"status": Usage.Status.COMPLETED, "reason": "", "prompt_tokens": 12, "completion_tokens": 345,
+              "usage_reported": True, "charged_tokens": 357, "deployment": "dep-1", "cached_tokens": None,
+              "reasoning_tokens": 7, "cost_nanos": 2_000_000_000_123, "charged_nanos": 2_000_000_000_123,
+              "bytes_sent": 5_000_000_000, "time_to_first_token_ms": 41, "ended_at": started + timezone.timedelta(seconds=3)}
+    assert ledger.close_ledger.sync(mine, **ending) is True
+    Usage.objects.filter(pk=orms.pk).update(**ending, reserved_tokens=0, reserved_nanos=0, duration_ms=3000)
+    assert _values("req_prepared") == _values("req_orm")
+    assert _values("req_prepared")["duration_ms"] == 3000
+    # Settled once: a second settlement (another process took it for dead) changes nothing and says so.
+    assert ledger.close_ledger.sync(mine, status=Usage.Status.CLIENT_DISCONNECTED) is False
+    assert Usage.objects.get(pk=mine.pk).status == Usage.Status.COMPLETED
