@@ -107,9 +107,12 @@ class PreparedQuery:
             sql, compiled_params = compiler.as_sql()
             if list(compiled_params) != list(self._placeholders):
                 raise ValueError("the query's parameters are not exactly its placeholders: it cannot be prepared")
-            compiled = cache[using] = (compiler, sql)
-        compiler, sql = compiled
+            # Each column's conversions, found once too (`results_iter` looks them up again on every call: a third
+            # of the key look-up's CPU, docs/performance.md).
+            converters = compiler.get_converters([s[0] for s in compiler.select[:compiler.col_count]])
+            compiled = cache[using] = (compiler, sql, converters)
+        compiler, sql, converters = compiled
         with connections[using].cursor() as cursor:
             cursor.execute(sql, params)
             fetched = cursor.fetchall()
-        return list(compiler.results_iter(results=[fetched]))
+        return list(compiler.apply_converters(fetched, converters)) if converters else fetched
