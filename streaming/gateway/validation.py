@@ -69,7 +69,7 @@ def _read_body(request) -> bytes:
     limit = settings.SLUICE_MAX_BODY_BYTES
     too_large = ApiError(f"Request body is larger than {limit} bytes.", status=413, code="request_too_large")
     try:
-        length = int(request.headers.get("Content-Length") or 0)
+        length = int(request.META.get("CONTENT_LENGTH") or 0)  # not request.headers: it copies every header
     except ValueError:  # duplicated or malformed: the body's own size is checked below
         length = 0
     if length > limit:
