@@ -56,11 +56,13 @@ class PrefetchBuffer:
         self.ended = False
         self.figures = figures
         self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
+        self._writable = None  # made when a put first waits: most streams never fill their buffer (~750 bytes)
 
     async def put(self, data: bytes):
         # An empty buffer always takes one part, so a stream never deadlocks on a large chunk.
         while self.size and self.size + len(data) > budget.per_stream():
+            if self._writable is None:
+                self._writable = asyncio.Event()
             self._writable.clear()
             await self._writable.wait()
         self._append(data)
@@ -97,7 +99,8 @@ class PrefetchBuffer:
         self.parts.clear()
         budget.used -= self.size
         self.size = 0
-        self._writable.set()
+        if self._writable is not None:
+            self._writable.set()
         return data
 
     def discard(self):
