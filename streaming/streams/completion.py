@@ -180,6 +180,7 @@ class Completion:
         lease and the row's commit: the rebuild could not count the request) gets the admission's lease again, as
         far as it now has room — else the request is refused (QuotaRefusal), having delivered nothing."""
         await self._row_insert
+        self._row_insert = None  # in: nothing for settlement to wait for (and the task is not kept for the stream)
         lease = self.lease
         if await lease.holds():
             return
