@@ -138,19 +138,20 @@ async def test_a_refused_meter_cuts_the_stream_with_the_window_that_ran_out(prov
     assert record["disconnected"] and record["tokens_sent"] < 500
 
 
-async def test_the_watchdog_cuts_off_a_client_that_stops_reading(provider, simulator):
-    simulator(tokens_per_second=50, default_tokens=1000)
+async def stall_reading(provider, request_id, heartbeat=None):
+    """A relay whose client reads two writes, then holds the second without asking for more (the server's send never
+    returns), with a stall timeout of 0.4 s: returned once the watchdog has cut it off (its on_stall ran and its
+    handler was cancelled)."""
     stalled = asyncio.Event()
 
     async def on_stall():
         stalled.set()
 
-    relay = await open_relay(provider, "req_relay_stall", max_tokens=1000, on_stall=on_stall,
+    relay = await open_relay(provider, request_id, max_tokens=1000, heartbeat=heartbeat, on_stall=on_stall,
                              settings=relay_settings(STREAM_STALL_TIMEOUT=0.4))
     never = asyncio.Event()
 
     async def reader():
-        # Read two writes, then hold the second without asking for more: the server's send never returns.
         parts = relay.parts()
         await anext(parts)
         await anext(parts)
@@ -160,9 +161,59 @@ async def test_the_watchdog_cuts_off_a_client_that_stops_reading(provider, simul
     await asyncio.wait_for(stalled.wait(), timeout=5)
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, timeout=5)  # the handler is cancelled, which ends the response
+    return relay
+
+
+async def test_the_watchdog_cuts_off_a_client_that_stops_reading(provider, simulator):
+    simulator(tokens_per_second=50, default_tokens=1000)
+    relay = await stall_reading(provider, "req_relay_stall")
     assert relay.outcome == "client_stalled"
     ending = await relay.close("client_stalled")
     assert ending.outcome == "client_stalled" and 0 < ending.figures.completion_tokens < 1000
+
+
+async def test_one_task_watches_every_stream(provider, simulator):
+    # A process's timers do not grow with its streams: one task (one timer, one wake-up a tick) checks every
+    # stream's watchdog, and every stream's heartbeat runs on its ticks. There used to be a watchdog task (its
+    # coroutine, its sleep's timer) for each stream: ~1.1 KB and a wake-up a second each, at 1,000 streams.
+    simulator(tokens_per_second=20, default_tokens=1000)
+    streams = 10
+    beaten = [asyncio.Event() for _ in range(streams)]
+
+    def heartbeat_of(beat):
+        async def heartbeat():
+            beat.set()
+        return heartbeat
+
+    relays = [await open_relay(provider, f"req_relay_many_{i}", max_tokens=1000, heartbeat=heartbeat_of(beaten[i]),
+                               settings=relay_settings(STREAM_STALL_TIMEOUT=0.4))
+              for i in range(streams)]
+    before = len(asyncio.all_tasks())
+    readers = [asyncio.create_task(_collect(relay)) for relay in relays]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in beaten)), timeout=5)
+        # Each stream: its reader (a server's handler) and its relay's pump. One ticker for all of them.
+        assert len(asyncio.all_tasks()) - before == 2 * streams + 1
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for relay in relays:
+            await relay.close("client_disconnected")
+
+
+async def test_a_failing_heartbeat_does_not_end_the_watch(provider, simulator, caplog):
+    # A heartbeat that raised used to kill its stream's watchdog task: a client that then stopped reading was never
+    # cut off, and held its connection and its provider until the server's own timeouts.
+    simulator(tokens_per_second=50, default_tokens=1000)
+
+    async def heartbeat():
+        raise RuntimeError("the counter store failed")
+
+    relay = await stall_reading(provider, "req_relay_failing_beat", heartbeat=heartbeat)
+    ending = await relay.close("client_stalled")
+    assert ending.outcome == "client_stalled"
+    assert "watchdog action failed for req_relay_failing_beat" in caplog.text
 
 
 async def test_a_provider_silent_mid_answer_ends_with_a_timeout_event(provider, simulator):
