@@ -83,9 +83,10 @@ class Relay:
         self.max_tokens = max_tokens  # the completion's budget: a provider that overruns it is cut there
         # n: with more than one choice, max_tokens binds each on its own (_per_choice).
         self.choices = choices
-        self._choice_tokens = {}  # index -> tokens relayed
-        self._choices_ended = set()  # indexes with a finish_reason, or cut at max_tokens
-        self._choices_cut = set()
+        if choices > 1:  # _per_choice's (made only then: ~0.5 KB a stream of the usual n = 1)
+            self._choice_tokens = {}  # index -> tokens relayed
+            self._choices_ended = set()  # indexes with a finish_reason, or cut at max_tokens
+            self._choices_cut = set()
         self.finished = False  # a finish_reason came
         self.last_chunk = None  # the last chunk's payload: its id, model and created stamp, for chunks of Sluice's
         self.meter = meter
