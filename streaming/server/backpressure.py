@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import warnings
+from functools import partial
 from http import HTTPStatus
 
 import daphne
@@ -54,6 +55,43 @@ if daphne.__version__ != TESTED_DAPHNE_VERSION:
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+class Mailbox:
+    """An HTTP request's application queue: the messages Daphne's WebRequest puts (`put_nowait`: the body, then at
+    most a disconnect) and the application's `receive` takes (`get`), in order.
+
+    What Daphne uses an asyncio.Queue for: its four deques (its getters, putters, items, and its `join()` Event's
+    waiters) held ~2.6 KB for the whole life of every stream, for a request that puts one or two messages and a
+    `receive` waited on by one task at a time (Django's disconnect listener). Here: a list, and the futures of the
+    `get()`s waiting, made when one waits. Every waiter is woken by a put and takes its turn (one that finds
+    nothing waits again), so a cancelled waiter strands no message.
+    """
+
+    __slots__ = ("_messages", "_waiters")
+
+    def __init__(self):
+        self._messages = []
+        self._waiters = None
+
+    def put_nowait(self, message):
+        self._messages.append(message)
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def get(self):
+        while not self._messages:
+            if self._waiters is None:
+                self._waiters = []
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        return self._messages.pop(0)
 
 
 @implementer(IPushProducer)
@@ -170,16 +208,24 @@ class BackpressureServer(DrainingServer, Server):
             gate.channel.unregisterProducer()
 
     def create_application(self, protocol, scope):
+        if not isinstance(protocol, WebRequest):  # a WebSocket: Daphne's own
+            return super().create_application(protocol, scope)
         gate = self._gates.get(protocol)
         if gate is not None:
             # The body writer (BodyWriter, below) for the application's streams, as an ASGI extension.
             scope["extensions"] = {**scope.get("extensions", {}),
                                    BODY_WRITER: {"writer": BodyWriter(self, protocol, gate)}}
-        queue = super().create_application(protocol, scope)
-        instance = self.connections.get(protocol, {}).get("application_instance")
-        if instance is not None and isinstance(protocol, WebRequest):
-            instance.add_done_callback(lambda _: self._abort_unfinished(protocol))
-        return queue
+        # Daphne's create_application, with a Mailbox instead of an asyncio.Queue as the request's application
+        # queue (what Daphne's WebRequest puts its body and its disconnect into, and `receive` reads).
+        assert "application_instance" not in self.connections[protocol]
+        mailbox = Mailbox()
+        scope.setdefault("asgi", {"version": "3.0"})
+        application = self.application(scope=scope, receive=mailbox.get, send=partial(self.handle_reply, protocol))
+        if protocol not in self.connections:
+            return None
+        instance = self.connections[protocol]["application_instance"] = asyncio.ensure_future(application)
+        instance.add_done_callback(lambda _: self._abort_unfinished(protocol))
+        return mailbox
 
     @staticmethod
     def _abort_unfinished(protocol):
