@@ -63,7 +63,10 @@ def spend(first: date, last: date, group: str = "user", *, team_id=None, user_id
     grouped = (rows.values(*columns).order_by()
                .annotate(requests=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"),
                          cost=Sum("cost_nanos"))
-               .order_by(F("cost").desc(nulls_last=True), "-requests", *columns))
+               # Ties in the same order on every database: a group without a key, team or user (NULL) after the
+               # others, which PostgreSQL does by default and SQLite did not (its NULLs sort first).
+               .order_by(F("cost").desc(nulls_last=True), "-requests",
+                         *(F(column).asc(nulls_last=True) for column in columns)))
     found = [_row(values, columns) for values in grouped]
     return Spend(group, found, _total(found))
 

@@ -117,6 +117,7 @@ class Completion:
             except BaseException:
                 await asyncio.shield(events.aclose())
                 raise
+            self._prompt_sent()
         except QuotaRefusal as refusal:  # the lease lost to a store rebuild, and no room left for it
             metrics.REFUSALS.labels(refusal.code).inc()
             await self._settle("rejected", reason=refusal.code, charge_prompt=False)
@@ -334,6 +335,12 @@ class Completion:
             self._record_progress(self.relay.figures.completion_tokens if self.relay is not None else 0)
 
     # What the other endpoints override ---------------------------------------------------------------------------
+
+    def _prompt_sent(self):
+        """The provider has the request and streams its answer: nothing reads the prompt's parsed messages again
+        (they were counted at admission, and no other deployment will be asked), so the stream does not hold them
+        for its whole life — a long conversation's messages are several times its JSON's size."""
+        self.chat.messages = None
 
     async def _count_prompt(self) -> int:
         """The prompt's tokens, as the provider will count them (estimated: settlement charges the provider's own)."""

@@ -40,6 +40,9 @@ class ResponsesCompletion(Completion):
     async def _count_prompt(self) -> int:
         return await count_responses_input(self.chat.instructions, self.chat.input)
 
+    def _prompt_sent(self):
+        """Kept: the input is among the request's forwarded fields (`options`), which nothing else owns."""
+
     def _provider_body(self, target):
         request = self.chat
         body = {**request.options, "model": request.model}

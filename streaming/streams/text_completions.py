@@ -8,6 +8,8 @@ budget is for them all (`copies` × max_tokens, clamped like chat's), and the pr
 relay holds the whole stream to the budget. `max_tokens` defaults to 16, as OpenAI's does for this endpoint.
 """
 
+import dataclasses
+
 from streaming.provider.endpoints import TEXT_COMPLETIONS
 
 from .completion import Completion
@@ -22,6 +24,9 @@ class TextCompletion(Completion):
         request = self.chat  # streaming.gateway.bodies.TextCompletionRequest
         prompt = await count_input(request.prompt)
         return prompt + (await count_input(request.suffix) if request.suffix else 0)
+
+    def _prompt_sent(self):
+        self.chat = dataclasses.replace(self.chat, prompt=None)  # frozen (Completion._prompt_sent)
 
     def _provider_body(self, target):
         request = self.chat

@@ -32,11 +32,12 @@ async def send_response(self, response, send):
             bodies += 1
         await send(message)
 
+    request_id = response.get('x-request-id', '')  # (Sluice's server lets the headers go once they are sent)
     try:
         await _send_response(self, response, counting_send)
     finally:
         with open(os.environ["SLUICE_TEST_SEND_COUNTS"], "a") as counts:
-            counts.write(f"{response.get('x-request-id', '')} {bodies}\\n")
+            counts.write(f"{request_id} {bodies}\\n")
 
 
 asgi.ASGIHandler.send_response = send_response
