@@ -55,7 +55,9 @@ class PrefetchBuffer:
         self.size = 0
         self.ended = False
         self.figures = figures
-        self._readable = asyncio.Event()
+        # What the one reader (the response) waits on while the buffer is empty: a future made when it waits, not an
+        # asyncio.Event held for the stream's whole life (its waiters' deque: ~650 bytes a stream, issue 20 item 2).
+        self._readable = None
         self._writable = None  # made when a put first waits: most streams never fill their buffer (~750 bytes)
 
     async def put(self, data: bytes):
@@ -73,26 +75,34 @@ class PrefetchBuffer:
         budget.used += len(data)
         if self.size > self.figures.peak_buffered_bytes:
             self.figures.peak_buffered_bytes = self.size
-        self._readable.set()
+        self._wake_reader()
+
+    def _wake_reader(self):
+        waiter = self._readable
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def end(self, final: bytes = b""):
         """No more data after `final` (an error event or [DONE]); ignores the budget."""
         if final:
             self._append(final)
         self.ended = True
-        self._readable.set()
+        self._wake_reader()
 
     async def take(self, timeout: float | None = None) -> bytes | None:
         """Everything buffered, as one write; b"" if `timeout` passed first; None at the end."""
         if not self.parts and not self.ended:
-            if timeout is None:
-                await self._readable.wait()
-            else:
-                try:
-                    await asyncio.wait_for(self._readable.wait(), timeout)
-                except TimeoutError:
-                    return b""
-        self._readable.clear()
+            self._readable = waiter = asyncio.get_running_loop().create_future()
+            try:
+                if timeout is None:
+                    await waiter
+                else:
+                    try:
+                        await asyncio.wait_for(waiter, timeout)
+                    except TimeoutError:
+                        return b""
+            finally:
+                self._readable = None
         if not self.parts:
             return None
         data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
