@@ -28,70 +28,76 @@ async def _nothing():
     return None
 
 
-async def measure(module, count) -> float:
-    relays = [types.SimpleNamespace(request_id=f"req_{i}", yield_started=None, started=0.0, figures=None)
-              for i in range(count)]
-    handler = asyncio.current_task()
+async def held_per_object(kind, count) -> float:
+    """Bytes held a piece by `count` objects that `kind.make()` builds (leaving whatever of one waits started), by
+    tracemalloc around them all; `kind.release(held)` lets each go afterwards."""
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    # An async heartbeat: what both contracts accept (the old one awaited it every tick, the new one awaits what it
-    # returns). Nothing is due within the measurement: every watchdog's first tick is a second away.
-    dogs = [module.Watchdog(relay, heartbeat=_nothing, on_stall=_nothing, settings=SETTINGS) for relay in relays]
-    for dog in dogs:
-        dog.start(handler)
+    held = [await kind.make() for _ in range(count)]
     for _ in range(3):
-        await asyncio.sleep(0)  # every task created has started and waits on its sleep
-    after = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    for dog in dogs:
-        dog.stop()
-    return held / count
-
-
-async def buffers(module, count) -> float:
-    """Bytes a prefetch buffer holds while its response waits for the stream's end (the pump writes the tokens
-    itself then: the buffer carries only the end), the waiting take()'s task included."""
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.take_snapshot()
-    held = []
-    for _ in range(count):
-        buffer = module.PrefetchBuffer(module.StreamFigures())
-        held.append((buffer, asyncio.ensure_future(buffer.take())))
-    for _ in range(3):
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # every task created has started and waits
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     size = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    for buffer, _ in held:
-        buffer.end()
-    await asyncio.gather(*(waiting for _, waiting in held))
+    for one in held:
+        await kind.release(one)
     return size / count
 
 
-async def queues(make, count) -> float:
-    """Bytes an application queue holds once its request's body was taken and one `get()` waits (for a disconnect
-    that does not come while the stream runs)."""
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.take_snapshot()
-    held = []
-    for _ in range(count):
-        queue = make()
+class Watchdogs:
+    def __init__(self, module):
+        self.module, self.handler = module, asyncio.current_task()
+
+    async def make(self):
+        relay = types.SimpleNamespace(request_id="req_memory", yield_started=None, started=0.0, figures=None)
+        # An async heartbeat: what both contracts accept (the old one awaited it every tick, the new one awaits
+        # what it returns). Nothing is due within the measurement: every watchdog's first tick is a second away.
+        dog = self.module.Watchdog(relay, heartbeat=_nothing, on_stall=_nothing, settings=SETTINGS)
+        dog.start(self.handler)
+        return dog
+
+    @staticmethod
+    async def release(dog):
+        dog.stop()
+
+
+class Buffers:
+    """A prefetch buffer while its response waits for the stream's end (the pump writes the tokens itself then: the
+    buffer carries only the end), the waiting take()'s task included."""
+
+    def __init__(self, module):
+        self.module = module
+
+    async def make(self):
+        buffer = self.module.PrefetchBuffer(self.module.StreamFigures())
+        return buffer, asyncio.ensure_future(buffer.take())
+
+    @staticmethod
+    async def release(held):
+        buffer, waiting = held
+        buffer.end()
+        await waiting
+
+
+class Queues:
+    """An application queue once its request's body was taken and one `get()` waits (for a disconnect that does not
+    come while the stream runs), the waiting task included."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    async def make(self):
+        queue = self.cls()
         queue.put_nowait({"type": "http.request", "body": b"", "more_body": False})
         await queue.get()
-        held.append((queue, asyncio.ensure_future(queue.get())))
-    for _ in range(3):
-        await asyncio.sleep(0)
-    after = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    size = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    for _, waiting in held:
+        return queue, asyncio.ensure_future(queue.get())
+
+    @staticmethod
+    async def release(held):
+        _, waiting = held
         waiting.cancel()
-    await asyncio.gather(*(waiting for _, waiting in held), return_exceptions=True)
-    return size / count
+        await asyncio.gather(waiting, return_exceptions=True)
 
 
 def _load(checkout, name):
@@ -108,18 +114,20 @@ def main(argv=None):
     parser.add_argument("--checkout", default=str(Path(__file__).resolve().parent.parent))
     parser.add_argument("--count", type=int, default=1000)
     args = parser.parse_args(argv)
-    args.watchdogs = args.count
-    module = _load(args.checkout, "watchdog")
-    per = asyncio.run(measure(module, args.watchdogs))
+
+    async def run(kind):
+        return await held_per_object(kind(), args.count)
+
+    per = asyncio.run(run(lambda: Watchdogs(_load(args.checkout, "watchdog"))))
     print(f"watchdog ({args.checkout}): {per:,.0f} bytes a stream ({args.count:,} started; the Watchdog object "
           "included)")
-    per = asyncio.run(buffers(_load(args.checkout, "buffer"), args.count))
+    per = asyncio.run(run(lambda: Buffers(_load(args.checkout, "buffer"))))
     print(f"prefetch buffer ({args.checkout}), its response waiting for the end: {per:,.0f} bytes a stream (the "
           "waiting task included)")
     from streaming.server.backpressure import Mailbox
 
-    for name, make in (("asyncio.Queue (Daphne's)", asyncio.Queue), ("Mailbox (Sluice's)", Mailbox)):
-        per = asyncio.run(queues(make, args.count))
+    for name, cls in (("asyncio.Queue (Daphne's)", asyncio.Queue), ("Mailbox (Sluice's)", Mailbox)):
+        per = asyncio.run(run(lambda: Queues(cls)))
         print(f"application queue, {name}: {per:,.0f} bytes a request (the waiting get's task included)")
 
 
