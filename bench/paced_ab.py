@@ -34,6 +34,16 @@ def worktree(ref):
             subprocess.run(["git", "worktree", "remove", "--force", path], cwd=PROJECT_ROOT, check=False)
 
 
+def alternate(label, rounds, trees, run):
+    """{name: [run(cwd) for each round]}, the trees ({name: checkout}) taking turns within each round."""
+    runs = {name: [] for name in trees}
+    for number in range(rounds):
+        for name, cwd in trees.items():
+            say(f"{label}: round {number + 1}, {name}")
+            runs[name].append(run(cwd))
+    return runs
+
+
 def measure(db, sim, cwd, streams, tokens, me):
     concurrency, _, _, rate = bench_gateway.PACED_LEVEL
     with start_server(SERVERS["serve"], env=gateway_env(db, sim.port), cwd=cwd, ready_timeout_seconds=60) as gw:

@@ -14,8 +14,8 @@ import argparse
 import time
 
 from . import bench_gateway
-from .common import SERVERS, ProcessMonitor, bench_database, gateway_env, raise_nofile, say, simulator
-from .paced_ab import worktree
+from .common import SERVERS, ProcessMonitor, bench_database, gateway_env, raise_nofile, simulator
+from .paced_ab import alternate, worktree
 from .servers import PROJECT_ROOT, start_server
 
 BATCH = 200  # requests per closed-loop batch; a run is whole batches until --seconds have passed
@@ -44,13 +44,10 @@ def main(argv=None):
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
     raise_nofile()
-    runs = {"A": [], "B": []}
     with worktree(args.against) as other, bench_database() as db, simulator() as sim:
         sim.control(tokens_per_second=0)
-        for number in range(args.rounds):
-            for name, cwd in (("A", str(PROJECT_ROOT)), ("B", other)):
-                say(f"request A/B: round {number + 1}, {name}")
-                runs[name].append(measure(db, sim, cwd, args.seconds, args.concurrency))
+        runs = alternate("request A/B", args.rounds, {"A": str(PROJECT_ROOT), "B": other},
+                         lambda cwd: measure(db, sim, cwd, args.seconds, args.concurrency))
     print(f"\n## Gateway CPU per request (ms), 2-token answers at full speed, {args.concurrency} at a time, "
           f"{args.seconds:g} s a run, alternating\n")
     print(f"A = this checkout, B = {args.against}\n")

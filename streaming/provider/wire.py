@@ -228,11 +228,15 @@ class WireBody:
         connection = self._connection
         if self._ended and self._error is None and self._keep_alive and not self._pieces:
             connection.release()
-            return
-        if not self._ended:
-            self._on_piece = self._on_end = None  # the owner asked for the end: no callback for it
-            self._finish(httpx2.ReadError("The response body was closed before its end."))
-        connection.close()
+        else:
+            if not self._ended:
+                self._on_piece = self._on_end = None  # the owner asked for the end: no callback for it
+                self._finish(httpx2.ReadError("The response body was closed before its end."))
+            connection.close()
+        # Nothing feeds this parser again (the connection was released, or closed and reads no more). It holds bound
+        # methods of this body: a reference cycle that kept the body, its future and its response alive until the
+        # cyclic collector came round (docs/performance.md, "Session 13").
+        self._parser = None
 
 
 class _Connection(asyncio.Protocol):
@@ -267,8 +271,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None):
         self.lost = True
         self.pool._forget(self)
-        if self.body is not None:
-            self.body._lost(exc)
+        body, self.body, self.feed = self.body, None, None  # (the body refers to this connection: no cycle left)
+        if body is not None:
+            body._lost(exc)
 
     def pause_reading(self):
         if not self.lost and not self.transport.is_closing():
@@ -342,10 +347,15 @@ class WirePool:
             connection.close()
             raise httpx2.WriteError(f"Could not send the request: {exc!r}.") from exc
         try:
-            return await body._headers_in
+            response = await body._headers_in
         except BaseException:  # an error, or the caller cancelled: the connection's state is unknown
             connection.close()
             raise
+        # The future's result (the response) refers to the body: a cycle that outlived the stream until the cyclic
+        # collector came round. Nothing waits on it again (only the final headers set it; _fail and _lost look at it
+        # only before them).
+        body._headers_in = None
+        return response
 
     async def _connect(self, key: tuple, timeout: float | None) -> _Connection:
         scheme, host, port, server_hostname = key

@@ -197,10 +197,14 @@ class BoundedHTTPFactory(HTTPFactory):
             if channel is not None:
                 self._unrequested[channel] = time.monotonic()
             if channel is not None and hasattr(channel, "_respondToBadRequestAndDisconnect"):
-                channel._respondToBadRequestAndDisconnect = lambda: _not_http(channel)
+                # Through a weak reference: a closure holding the channel, set on the channel, made every connection
+                # a reference cycle, freed only by the cyclic collector with everything hanging off it (its requests,
+                # their gates, the application's objects) long after the connection closed.
+                ref = weakref.ref(channel)
+                channel._respondToBadRequestAndDisconnect = lambda: _not_http(ref())
                 # A request line or header line over HTTPChannel.MAX_LENGTH (16 KiB): LineReceiver's public hook,
                 # which by default closes the connection without a word.
-                channel.lineLengthExceeded = lambda line: _line_too_long(channel)
+                channel.lineLengthExceeded = lambda line: _line_too_long(ref())
         return protocol
 
 

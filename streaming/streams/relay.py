@@ -485,4 +485,5 @@ class Relay:
             await asyncio.wait([self._pump_task])
         self.buffer.discard()
         await self.events.aclose()
+        self.meter = None  # the lifecycle's (it holds this relay): no cycle left once the stream is over
         return Ending(outcome or self.outcome or "completed", self.figures, self.reported_usage, self.reason)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 class Watchdog:
     def __init__(self, relay, *, heartbeat, on_stall, settings):
         self.relay = relay
+        self.request_id = relay.request_id
         # Called every tick (the lifecycle's lease renewal and ledger row progress); what it returns, if not None,
         # is awaited — in a task of its own, so that the tick does not wait for one stream's store or database.
         self.heartbeat = heartbeat
@@ -44,6 +45,10 @@ class Watchdog:
         action = self._action
         if action is not None and action is not asyncio.current_task():
             action.cancel()
+        # Nothing is checked any more: let go of the relay, its handler and the lifecycle's callbacks, each of which
+        # leads back here (the relay holds this watchdog). A finished stream is then freed when its last reference
+        # goes, not when the cyclic collector next reaches its generation (docs/performance.md, "Session 13").
+        self.relay = self._handler = self.heartbeat = self.on_stall = None
 
     def tick_seconds(self) -> float:
         s = self.settings
@@ -56,7 +61,7 @@ class Watchdog:
         try:
             beat = self.heartbeat()
         except Exception:  # logged; the timers below are checked all the same
-            logger.exception("heartbeat failed for %s", self.relay.request_id)
+            logger.exception("heartbeat failed for %s", self.request_id)
             beat = None
         ending = self._ending(now)
         if beat is not None or ending is not None:
@@ -114,8 +119,8 @@ class Watchdog:
         self._action = None
         if not action.cancelled() and action.exception() is not None:
             error = action.exception()
-            logger.error("watchdog action failed for %s", self.relay.request_id, exc_info=(type(error), error,
-                                                                                          error.__traceback__))
+            logger.error("watchdog action failed for %s", self.request_id, exc_info=(type(error), error,
+                                                                                   error.__traceback__))
 
 
 class _Ticker:
@@ -145,7 +150,7 @@ class _Ticker:
                     try:
                         watchdog.check(now)
                     except Exception:  # one stream's failure ends no other stream's watch
-                        logger.exception("watchdog check failed for %s", watchdog.relay.request_id)
+                        logger.exception("watchdog check failed for %s", watchdog.request_id)
         finally:
             self.task = None
             if _tickers.get(self.key) is self:

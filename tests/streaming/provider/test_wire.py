@@ -7,6 +7,7 @@ Every test runs on asyncio's default loop and on uvloop (production's), through 
 
 import asyncio
 import datetime
+import gc
 import ipaddress
 import logging
 import socket
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from streaming.provider.wire import WirePool
+from streaming.provider.wire import WireBody, WirePool, WireResponse
 
 EVENTS = [b'{"choices":[{"index":0,"delta":{"content":"tok%d"}}]}' % n for n in range(50)]
 BODY = b"".join(b"data: " + e + b"\n\n" for e in EVENTS) + b"data: [DONE]\n\n"
@@ -317,6 +318,48 @@ def test_sequential_requests_reuse_one_connection(run):
             assert await read_all(response.body) == b"hello"
             await response.body.aclose()
             assert server.accepted == 2
+            await pool.aclose()
+    run(scenario())
+
+
+def live(cls) -> int:
+    return sum(type(o) is cls for o in gc.get_objects())
+
+
+def test_a_finished_response_is_freed_without_the_cyclic_collector(run):
+    # The body and its parser (which holds the body's callbacks), and the body and the future its headers came
+    # through (whose result, the response, holds the body), referred to each other: every response outlived its
+    # stream, with what hung off it, until the cyclic collector reached it (docs/performance.md, "Session 13").
+    async def handler(reader, writer, n):
+        if n == 0:
+            await answer_forever(reader, writer, sized(b"hello"))
+        else:  # a body the client leaves half read: its connection is closed
+            await read_request(reader)
+            writer.write(CHUNKED_HEAD + chunked(b"data: first\n\n")[:-5])
+            await writer.drain()
+            await read_request(reader)
+
+    async def scenario():
+        async with Raw(handler) as server:
+            pool = WirePool()
+            gc.collect()
+            before = live(WireBody), live(WireResponse)
+            gc.disable()
+            try:
+                for _ in range(3):  # kept alive: the connection goes back to the pool
+                    response = await post(pool, server.url)
+                    assert await read_all(response.body) == b"hello"
+                    await response.body.aclose()
+                await pool.aclose()
+                response = await post(pool, server.url)  # closed half read
+                assert await response.body.read() == b"data: first\n\n"
+                await response.body.aclose()
+                await eventually(lambda: server.closed == 2, "the server seeing both connections close")
+                del response
+                await asyncio.sleep(0)
+                assert (live(WireBody), live(WireResponse)) == before
+            finally:
+                gc.enable()
             await pool.aclose()
     run(scenario())
 

@@ -7,6 +7,7 @@ server would. The meter, heartbeat and stall callbacks are the test's: they are 
 """
 
 import asyncio
+import gc
 import json
 import sys
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from bench.servers import start_server
 from quotas.domain.exceptions import QuotaExceeded
 from streaming.provider import client, retries
 from streaming.streams.relay import Relay
+from streaming.streams.watchdog import Watchdog
 
 MONTH_END = datetime(2027, 1, 1, tzinfo=UTC)
 
@@ -214,6 +216,30 @@ async def test_a_failing_heartbeat_does_not_end_the_watch(provider, simulator, c
     ending = await relay.close("client_stalled")
     assert ending.outcome == "client_stalled"
     assert "watchdog action failed for req_relay_failing_beat" in caplog.text
+
+
+async def test_a_finished_relay_is_freed_without_the_cyclic_collector(provider, simulator):
+    # The relay and its watchdog referred to each other, and the lifecycle's callbacks that both held led back to
+    # them: every stream outlived its end, with its buffer, its figures and its provider stream, until the cyclic
+    # collector reached it (docs/performance.md, "Session 13").
+    simulator(tokens_per_second=0, default_tokens=20)
+
+    def live(cls):
+        return sum(type(o) is cls for o in gc.get_objects())
+
+    gc.collect()
+    before = live(Relay), live(Watchdog)
+    gc.disable()
+    try:
+        relay = await open_relay(provider, "req_relay_freed", max_tokens=100)
+        body = b"".join(await asyncio.wait_for(_collect(relay), timeout=10))
+        assert content_tokens(body) == 20
+        assert (await relay.close()).outcome == "completed"
+        del relay
+        await asyncio.sleep(0)
+        assert (live(Relay), live(Watchdog)) == before
+    finally:
+        gc.enable()
 
 
 async def test_a_provider_silent_mid_answer_ends_with_a_timeout_event(provider, simulator):
