@@ -1,11 +1,12 @@
 """Where a stream's memory goes: the Python allocations one paced stream holds in the gateway, by package.
 
-    python -m bench.stream_memory [--streams 200] [--top 15]
+    python -m bench.stream_memory [--streams 200] [--top 15] [--prompt-bytes 0]
 
 Starts a gateway with tracemalloc on (a `sitecustomize` module in a temporary directory on its PYTHONPATH, which
 dumps a snapshot on SIGUSR1), takes a snapshot when it is idle after a warm-up and one with `--streams` paced
 streams in flight (20 tokens/s, 400-token answers: all of them open at the second snapshot), and prints the
-difference per stream: by package, then the lines that allocated most. tracemalloc slows the gateway several
+difference per stream: by package, then the lines that allocated most. `--prompt-bytes N` sends a user message of N
+bytes (a conversation's size) instead of a two-word one: what a request's body costs while its answer streams. tracemalloc slows the gateway several
 times over, so these are the allocations, not the benchmark's RSS per stream (`./dev bench backpressure`).
 """
 
@@ -60,6 +61,14 @@ def snapshot(pid, directory: Path, number: int) -> tracemalloc.Snapshot:
     raise RuntimeError("the gateway wrote no snapshot")
 
 
+def prompt(size: int) -> dict:
+    """A conversation of about `size` bytes of text (words, as a tokenizer meets them), or the bench's default."""
+    if not size:
+        return {}
+    words = ("the quick brown fox jumps over a lazy dog while " * (size // 48 + 1))[:size]
+    return {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": words}]}
+
+
 def package(filename: str) -> str:
     if "site-packages/" in filename:
         return filename.split("site-packages/", 1)[1].split("/", 1)[0]
@@ -68,10 +77,11 @@ def package(filename: str) -> str:
     return "stdlib: " + os.path.basename(filename)
 
 
-def report(idle, busy, streams, top):
+def report(idle, busy, streams, top, prompt_bytes=0):
     stats = busy.compare_to(idle, "lineno")
     total = sum(s.size_diff for s in stats)
-    print(f"\n## Python allocations per paced stream: {total / streams / 1024:.1f} KB ({streams} streams in flight)\n")
+    print(f"\n## Python allocations per paced stream: {total / streams / 1024:.1f} KB ({streams} streams in flight"
+          f"{f', {prompt_bytes:,}-byte prompts' if prompt_bytes else ''})\n")
     by_package = collections.Counter()
     for stat in stats:
         by_package[package(stat.traceback[0].filename)] += stat.size_diff
@@ -90,6 +100,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.stream_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--prompt-bytes", type=int, default=0, help="a user message of this many bytes (default: two words)")
     args = parser.parse_args(argv)
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="sluice-memory-") as tmp, bench_database() as db, simulator() as sim:
@@ -100,7 +111,7 @@ def main(argv=None):
             bench_gateway.run_level(gw.port, db.api_key, 4, 40, 20)
             idle = snapshot(gw.process.pid, directory, 0)
             sim.control(tokens_per_second=RATE)
-            body = chat_body(TOKENS)
+            body = chat_body(TOKENS, **prompt(args.prompt_bytes))
             say(f"stream memory: {args.streams} streams at {RATE} tokens/s")
             load = threading.Thread(target=lambda: asyncio.run(closed_loop(
                 args.streams, args.streams, lambda: stream_chat(gw.port, bench_gateway.PATH, body, db.api_key))))
@@ -109,7 +120,7 @@ def main(argv=None):
             busy = snapshot(gw.process.pid, directory, 1)
             load.join()
             sim.control(tokens_per_second=0)
-    report(idle, busy, args.streams, args.top)
+    report(idle, busy, args.streams, args.top, args.prompt_bytes)
 
 
 if __name__ == "__main__":

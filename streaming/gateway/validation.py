@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 
 from quotas.domain.exceptions import ModelNotAllowed
 from quotas.models import Usage
@@ -74,11 +73,16 @@ def _read_body(request) -> bytes:
         length = 0
     if length > limit:
         raise too_large
+    # Read once, then close the request's body (HttpRequest.read, .close): `request.body` would keep the whole body
+    # — a conversation, often tens of kilobytes — for as long as the answer streams, in the request and in the ASGI
+    # handler's body file (docs/performance.md, "A request's body"). Nothing reads it again: the parsed body is what
+    # the view uses, and the provider is sent its own serialisation.
+    most = limit if settings.DATA_UPLOAD_MAX_MEMORY_SIZE is None else min(limit, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
     try:
-        body = request.body
-    except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE, sent chunked or with an understated length
-        raise too_large from None
-    if len(body) > limit:
+        body = request.read(most + 1)
+    finally:
+        request.close()
+    if len(body) > most:  # sent chunked, or with an understated length
         raise too_large
     return body
 

@@ -24,6 +24,7 @@ import daphne
 from daphne.http_protocol import HTTPFactory, WebRequest
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from streaming.server.fleet import PID_HEADER, PID_HEADER_VARIABLE
@@ -68,14 +69,18 @@ class Mailbox:
     nothing waits again), so a cancelled waiter strands no message.
     """
 
-    __slots__ = ("_messages", "_waiters")
+    __slots__ = ("_messages", "_waiters", "_on_body_end")
 
-    def __init__(self):
+    def __init__(self, on_body_end=None):
         self._messages = []
         self._waiters = None
+        self._on_body_end = on_body_end  # called once the request's last body message is in
 
     def put_nowait(self, message):
         self._messages.append(message)
+        if self._on_body_end is not None and not message.get("more_body", False):
+            on_body_end, self._on_body_end = self._on_body_end, None
+            on_body_end()
         if self._waiters:
             for waiter in self._waiters:
                 if not waiter.done():
@@ -218,7 +223,10 @@ class BackpressureServer(DrainingServer, Server):
         # Daphne's create_application, with a Mailbox instead of an asyncio.Queue as the request's application
         # queue (what Daphne's WebRequest puts its body and its disconnect into, and `receive` reads).
         assert "application_instance" not in self.connections[protocol]
-        mailbox = Mailbox()
+        # Once Daphne has put the whole body into the mailbox (its process(), right after this returns), Twisted's
+        # copy of it (Request.content: a BytesIO, or a temporary file past 100 KB) is read by no one: closed then, as
+        # Twisted itself does when the request finishes, rather than kept for as long as the answer streams.
+        mailbox = Mailbox(on_body_end=protocol.content.close)
         scope.setdefault("asgi", {"version": "3.0"})
         application = self.application(scope=scope, receive=mailbox.get, send=partial(self.handle_reply, protocol))
         if protocol not in self.connections:
@@ -306,10 +314,13 @@ class BackpressureServer(DrainingServer, Server):
         doWrite then meets and handles) is left to the reactor, which is then asked to watch the socket, as before.
         Once per connection per loop turn (see `_buffered_reply`)."""
         transport.startWriting = _not_yet  # handle_reply writes synchronously: no other code runs meanwhile
+        head = not protocol.startedWriting
         try:
             protocol.handle_reply(message)
         finally:
             del transport.startWriting
+        if head:
+            _head_written(protocol)
         if not _buffered(transport):
             return
         self._written_through.add(protocol)
@@ -319,7 +330,10 @@ class BackpressureServer(DrainingServer, Server):
             transport.startWriting()
 
     def _buffered_reply(self, protocol, message, transport, idle):
+        head = not protocol.startedWriting
         protocol.handle_reply(message)
+        if head:
+            _head_written(protocol)
         if idle and not (transport.disconnected or transport.disconnecting) and _buffered(transport):
             # Write now, as asyncio's transports do when nothing is queued, rather than on the reactor's next turn
             # (which first runs every other ready callback, e.g. the relay reading more of the provider's answer):
@@ -377,6 +391,16 @@ def _set_reason(protocol, status):
 
 
 WRITE_THROUGH_UNREGISTERED = os.environ.get("SLUICE_WRITE_THROUGH", "1") != "0"  # A/B switch (bench)
+
+
+def _head_written(protocol):
+    """A response whose head has just been written (its first body chunk with it), with more to come: Twisted reads
+    neither the request's headers (last: whether the connection persists, decided with the head) nor the response's
+    again, and Daphne copied the request's into the scope. Released now rather than kept for as long as the answer
+    streams (~2 KB a stream; Request.requestHeaders and responseHeaders, public attributes)."""
+    if protocol.startedWriting and not protocol.finished:
+        protocol.requestHeaders = Headers()
+        protocol.responseHeaders = Headers()
 
 
 def _not_yet():
