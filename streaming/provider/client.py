@@ -103,6 +103,7 @@ def get_client(target: Target) -> openai.AsyncOpenAI:
             base_url=target.url,
             # Sluice retries itself, before the first byte only (docs/resilience.md).
             max_retries=0,
+            default_headers=WITHOUT_SDK_TELEMETRY,
             # The read timeout is the longest silence allowed between two chunks.
             timeout=httpx2.Timeout(settings.UPSTREAM_IDLE_TIMEOUT, connect=connect),
             # The SDK's client defaults over an aiohttp transport (transport.py): its C HTTP parser reads an event
@@ -281,8 +282,19 @@ class EventStream:
                 await self._response.aclose()
 
 
+# The SDK's own headers on every request — its version, this host's OS, architecture and Python, the retry count and
+# the read timeout (X-Stainless-*) — left out: they tell a provider nothing it needs about the request, and describe
+# Sluice's host to every provider it calls (User-Agent still names the SDK). Their building cost ~20–30 µs a request
+# (docs/performance.md, "Session 14").
+SDK_TELEMETRY = ("X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS", "X-Stainless-Arch",
+                 "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Async")
+WITHOUT_SDK_TELEMETRY = {name: openai.Omit() for name in SDK_TELEMETRY}
+# The two the SDK adds per request unless the request's own headers name them.
+_PER_REQUEST_TELEMETRY = {"x-stainless-retry-count": openai.Omit(), "x-stainless-read-timeout": openai.Omit()}
+
+
 async def _post(target: Target, body: dict, request_id: str, stream: bool, path: str) -> httpx2.Response:
-    options = {"headers": {"X-Client-Request-Id": request_id}}
+    options = {"headers": {"X-Client-Request-Id": request_id, **_PER_REQUEST_TELEMETRY}}
     if stream:
         # No read timeout on the socket for a stream: it would arm and cancel a timer on every event of every
         # stream. The first-token deadline (first_token.py) and the relay's watchdog, which ends
@@ -292,8 +304,11 @@ async def _post(target: Target, body: dict, request_id: str, stream: bool, path:
     # wrapper: its parameter transformation costs more than the whole relay of a short answer
     # (docs/performance.md). The body was validated by Sluice already (streaming/gateway/validation.py).
     try:
-        return await get_client(target).post(
-            path, cast_to=httpx2.Response, body=body, stream=stream, options=options)
+        client = get_client(target)
+        # An absolute URL: the SDK would otherwise parse the path and merge it with its base URL on every request
+        # (~35–55 µs); the base URL it keeps ends with "/" and the endpoints' paths start with one.
+        return await client.post(f"{client.base_url}{path[1:]}", cast_to=httpx2.Response, body=body, stream=stream,
+                                 options=options)
     except Exception as exc:
         raise _translate(exc) from exc
 

@@ -152,3 +152,38 @@ def test_a_netrc_entry_for_the_provider_changes_nothing(monkeypatch, tmp_path):
     direct, payloads = asyncio.run(_read_all(provider))
     assert payloads == [*EVENTS, b"[DONE]"]
     assert authorizations == ["Bearer sk-test"]
+
+
+@pytest.mark.django_db(transaction=False)
+@pytest.mark.parametrize("mount", ["/v1", "/api/openai/v1"])
+def test_the_provider_gets_the_request_s_id_and_key_and_nothing_of_the_sdk_s_telemetry(mount):
+    """The request reaches the endpoint under the provider's base URL (a gateway's, with a path of its own too), with
+    the request's id, the key and the SDK's User-Agent, and none of the SDK's X-Stainless-* headers (this host's OS,
+    architecture and Python, the SDK's version, retry count and read timeout: docs/performance.md, "Session 14")."""
+    seen = []
+
+    async def provider(request):
+        seen.append((request.path, dict(request.headers)))
+        return await _plain(request)
+
+    async def run():
+        runner, url = await _serve(provider, mount + "/chat/completions")
+        url = url.removesuffix("/v1") + mount
+        target = Target(url=url, api_key="sk-test", key=url, name="test")
+        try:
+            stream = await client.open_stream(target, {"model": "m", "messages": [], "stream": True}, "req-7")
+            while await stream.read_batch() is not None:
+                pass
+            await stream.aclose()
+        finally:
+            await client.close_clients()
+            await runner.cleanup()
+
+    asyncio.run(run())
+    [(path, headers)] = seen
+    assert path == mount + "/chat/completions"
+    lower = {name.lower(): value for name, value in headers.items()}
+    assert lower["x-client-request-id"] == "req-7"
+    assert lower["authorization"] == "Bearer sk-test"
+    assert lower["user-agent"].startswith("AsyncOpenAI/Python")
+    assert not [name for name in lower if name.startswith("x-stainless")], lower
