@@ -156,6 +156,18 @@ async def many_streams(port, api_key, count):
     return [t.result() for t in tasks if t in done]
 
 
+def run_many_direct(count):
+    """The same streams straight to the simulator, with the same client: the delays the load generator and the
+    simulator add by themselves on the same cores, which the gateway's figure contains too."""
+    say(f"backpressure bench: {count} streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s, direct to the simulator")
+    with simulator(tokens_per_second=MANY_RATE) as sim:
+        asyncio.run(many_streams(sim.port, None, 10))  # its first connections
+        started = time.perf_counter()
+        results = asyncio.run(many_streams(sim.port, None, count))
+        wall = time.perf_counter() - started
+    return {"count": count, "results": results, "idle": 0, "peak": 0, "cpu": 0, "wall": wall, "exceptions": []}
+
+
 def run_many(db, count):
     say(f"backpressure bench: {count} streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s on one gateway")
     with simulator(tokens_per_second=MANY_RATE) as sim:
@@ -204,7 +216,7 @@ def many_row(m):
     }
 
 
-def report_many(runs):
+def report_many(runs, direct=None):
     expected = (MANY_TOKENS - 1) / MANY_RATE
     print(f"\n## Many streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s (10 s each) through one streaming.server "
           f"process, requests sent over {MANY_RAMP_SECONDS:g} s\n")
@@ -241,6 +253,12 @@ def report_many(runs):
     print(f"  (a diagnostic: {fmt(percentile(settled, 99), '.1f')} ms over the {len(settled):,} gaps after the last "
           f"stream's first token, when no admission competes with the relaying; "
           f"{fmt(percentile(f['added_during_admissions'], 99), '.1f')} ms before)")
+    if direct is not None:
+        d = many_row(direct)
+        print(f"  (the baseline: the same {d['count']:,} streams direct to the simulator, same client, no gateway: "
+              f"{d['errors']} errors, p99 added delay {fmt(percentile(d['added'], 99), '.1f')} ms, p50 "
+              f"{fmt(percentile(d['added'], 50), '.1f')} ms, TTFT p50 {fmt(percentile(d['ttfts'], 50), '.0f')} ms: "
+              f"what the load generator and the simulator add by themselves on these cores)")
     print(f"- memory per stream ≤ {TARGET_MEMORY_PER_STREAM_KB} KB: {per_stream_kb:.0f} KB → "
           f"{verdict(per_stream_kb <= TARGET_MEMORY_PER_STREAM_KB)}")
     print(f"- CPU needed at {f['count']} streams: {fmt(f['cores_needed'], '.2f')} cores at "
@@ -257,7 +275,7 @@ def run():
         with simulator() as sim:
             slow = run_slow_readers(db, sim)
         report_slow_readers(slow)
-    report_many([run_many_fresh(count) for count in MANY_LEVELS])
+    report_many([run_many_fresh(count) for count in MANY_LEVELS], run_many_direct(MANY))
 
 
 def run_many_fresh(count):

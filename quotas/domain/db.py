@@ -10,10 +10,11 @@ A connection that saw an error is checked before the next job and replaced if it
 Django's own `close_if_unusable_or_obsolete` does at the start of a request.
 """
 
+import asyncio
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 
@@ -47,8 +48,10 @@ def _job(fn, args, kwargs):
 
 
 async def run(fn, *args, **kwargs):
-    """`fn(*args, **kwargs)` (sync, may use the ORM) on a database thread."""
-    return await sync_to_async(_job, thread_sensitive=False, executor=executor())(fn, args, kwargs)
+    """`fn(*args, **kwargs)` (sync, may use the ORM) on a database thread, in a copy of the caller's context (a trace's
+    span, for one); what it sets there is not brought back."""
+    return await asyncio.get_running_loop().run_in_executor(
+        executor(), contextvars.copy_context().run, _job, fn, args, kwargs)
 
 
 def database(fn):
