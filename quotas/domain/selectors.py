@@ -53,7 +53,7 @@ def caller_limits(user_id, key_id=None) -> Limits:
         limits = Limits.combine(plan, quota)
     if key_id is None:
         return limits
-    rows = with_pool_columns(ApiKey.objects.filter(pk=key_id)).values_list("id", *KEY_COLUMNS)
+    rows = _key_limits_row.rows(key_id)
     return key_limits(limits, dict(zip(("id", *KEY_COLUMNS), rows[0]))) if rows else limits
 
 
@@ -71,6 +71,13 @@ def with_pool_columns(keys):
     membership = FilteredRelation("team__memberships", condition=Q(team__memberships__user=F("user")))
     return keys.annotate(membership=membership).annotate(
         **{f"member_{name}": F(f"membership__{name}") for name in ("id", "budget_per_day", "budget_per_month")})
+
+
+# A running stream's limits are read again every few seconds (leases.py, LIMITS_REFRESH_SECONDS): with 1,000 streams
+# the ORM's compilation of this query, joins and all, was a fifth of the process's CPU (docs/performance.md,
+# "Session 14"). Compiled once per database thread, as the key look-up is.
+_key_limits_row = PreparedQuery(lambda key_id: with_pool_columns(ApiKey.objects.filter(pk=key_id)).values_list(
+    "id", *KEY_COLUMNS), -1)
 
 
 def key_limits(limits: Limits, key: dict) -> Limits:

@@ -18,7 +18,8 @@ class MemoryStore(CounterStore):
         self._lock = threading.Lock()
         self._rates: dict[str, list[float]] = {}
         self._slots: dict[str, dict[str, float]] = {}
-        # window key -> {"used": int, "leases": {holder: [tokens, expires]}, "expire_at": float}
+        # window key -> {"used": int, "leases": {holder: [tokens, expires]}, "expire_at": float,
+        #                "held": int (the leases' tokens summed), "next_expiry": float (≤ the soonest lease expiry)}
         self._windows: dict[str, dict] = {}
 
     def _window(self, key, clock=None):
@@ -79,26 +80,37 @@ class MemoryStore(CounterStore):
                 return LeaseResult(0, missing=missing)
             available = []
             for window, record, mine in zip(windows, records, held):
-                available.append(window.limit - record["used"] - self._others(record["leases"], holder, now) - mine)
+                available.append(window.limit - record["used"] - self._others(record, holder, now) - mine)
             granted = max(0, min(want, *(a // w.rate for a, w in zip(available, windows))))
             for window, record, mine in zip(windows, records, held):
-                record["leases"][holder] = [mine + granted * window.rate, now + ttl]
+                leases, tokens = record["leases"], mine + granted * window.rate
+                previous = leases.get(holder)
+                record["held"] += tokens - (previous[0] if previous is not None else 0)
+                leases[holder] = [tokens, now + ttl]
+                record["next_expiry"] = min(record["next_expiry"], now + ttl)
                 record["expire_at"] = max(record["expire_at"], window.expire_at)
             return LeaseResult(granted, remaining=tuple(max(0, a - granted * w.rate)
                                                         for a, w in zip(available, windows)))
 
     @staticmethod
-    def _others(leases, holder, now):
-        """What the other holders' leases hold, the expired ones dropped first (one pass)."""
-        others, expired = 0, None
-        for other, (tokens, expires) in leases.items():
-            if expires <= now:
-                expired = [*(expired or ()), other]
-            elif other != holder:
-                others += tokens
-        for other in expired or ():
-            del leases[other]
-        return others
+    def _others(record, holder, now):
+        """What the other holders' leases hold, the expired ones dropped first. The sum is kept as leases change
+        (`held`); the leases are walked only once one may have expired (`next_expiry`, never later than the soonest
+        expiry: renewals only push expiries back), to drop the expired ones and find the next. A walk on every lease
+        made a window's leases cost O(holders) each: with 1,000 streams of one user, a tenth of the process's CPU
+        (docs/performance.md, "Session 14")."""
+        leases = record["leases"]
+        if now >= record["next_expiry"]:
+            held, soonest = 0, float("inf")
+            for other, (tokens, expires) in list(leases.items()):
+                if expires <= now:
+                    del leases[other]
+                else:
+                    held += tokens
+                    soonest = min(soonest, expires)
+            record["held"], record["next_expiry"] = held, soonest
+        own = leases.get(holder)
+        return record["held"] - (own[0] if own is not None else 0)
 
     async def renew(self, windows, slot_key, holder, now, ttl):
         held = True
@@ -118,7 +130,9 @@ class MemoryStore(CounterStore):
             clock = time.time()
             for window, amount in zip(windows, per_window(charged, windows)):
                 record = self._window(window.key, clock)
-                if record is not None and record["leases"].pop(holder, None) is not None:
+                lease = None if record is None else record["leases"].pop(holder, None)
+                if lease is not None:
+                    record["held"] -= lease[0]
                     record["used"] += amount
 
     async def seed(self, window, used, leases, now, ttl):
@@ -128,6 +142,8 @@ class MemoryStore(CounterStore):
                     "used": used,
                     "leases": {holder: [tokens, now + ttl] for holder, tokens in leases.items()},
                     "expire_at": window.expire_at,
+                    "held": sum(leases.values()),
+                    "next_expiry": now + ttl,
                 }
 
     async def usage(self, key, now):
