@@ -1,5 +1,6 @@
-"""The in-process store keeps a window's leased total as leases change, and walks its leases only once one may have
-expired (quotas/store/memory.py, `_others`): generated sequences of leases, renewals, settlements and time passing,
+"""The counter stores' leases against the contract: the in-process store and a single Redis. The in-process store keeps a window's leased total as leases change, and
+walks its leases only once one may have expired (quotas/store/memory.py, `_others`); the Redis scripts still walk them
+on every lease (docs/performance.md, "Session 14"), and a change there must keep this test. Generated sequences of leases, renewals, settlements and time passing,
 checked after every step against the contract computed the plain way, as the store did before: what a lease is
 granted is the window's limit less what it used, less every other unexpired lease, less what the holder already holds;
 an expired lease holds nothing, and is dropped at the next lease (until then, settling it still charges what its
@@ -7,7 +8,9 @@ holder spent)."""
 
 import asyncio
 import time
+import uuid
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,35 +54,56 @@ class Reference:
             self.used += charged
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps)
-def test_a_window_s_leases_are_the_contract_s_after_every_step(sequence):
-    async def run():
-        store, reference = MemoryStore(), Reference()
-        window = WindowSpec(key="test:bookkeeping", limit=LIMIT, expire_at=time.time() + 3600)
-        now = 1000.0
-        await store.seed(window, 0, {}, now, TTL)
-        held = {}  # what each holder believes it holds (the caller's side)
-        for action, holder, amount in sequence:
-            if action == "wait":
-                now += amount
-            elif action == "lease":
-                expected = reference.lease(holder, held.get(holder, 0), amount, now)
-                result = await store.lease([window], holder, held.get(holder, 0), amount, now, TTL)
-                assert result.granted == expected
-                held[holder] = held.get(holder, 0) + result.granted
-            elif action == "renew":
-                reference.renew(holder, now)
-                await store.renew([window], None, holder, now, TTL)
-            else:
-                reference.settle(holder, min(amount, held.get(holder, 0)))
-                await store.settle([window], holder, min(amount, held.get(holder, 0)))
-                held.pop(holder, None)
-            used, leased = await store.usage(window.key, now)
-            assert used == reference.used
-            assert leased == sum(tokens for tokens, expires in reference.leases.values() if expires > now)
-            # (No "used + leased <= LIMIT" here: these generated callers may pass a holding their expired lease no
-            # longer has, which the store takes on trust; TokenLease checks `holds()` first. The contract's own
-            # bound is test_store.py's test_concurrent_leases_never_overshoot.)
+async def play(store, sequence):
+    reference = Reference()
+    window = WindowSpec(key=f"test:bookkeeping:{uuid.uuid4().hex}", limit=LIMIT, expire_at=time.time() + 3600)
+    now = 1000.0
+    await store.seed(window, 0, {}, now, TTL)
+    held = {}  # what each holder believes it holds (the caller's side)
+    for action, holder, amount in sequence:
+        if action == "wait":
+            now += amount
+        elif action == "lease":
+            expected = reference.lease(holder, held.get(holder, 0), amount, now)
+            result = await store.lease([window], holder, held.get(holder, 0), amount, now, TTL)
+            assert result.granted == expected
+            held[holder] = held.get(holder, 0) + result.granted
+        elif action == "renew":
+            reference.renew(holder, now)
+            await store.renew([window], None, holder, now, TTL)
+        else:
+            reference.settle(holder, min(amount, held.get(holder, 0)))
+            await store.settle([window], holder, min(amount, held.get(holder, 0)))
+            held.pop(holder, None)
+        used, leased = await store.usage(window.key, now)
+        assert used == reference.used
+        assert leased == sum(tokens for tokens, expires in reference.leases.values() if expires > now)
+        # (No "used + leased <= LIMIT" here: these generated callers may pass a holding their expired lease no
+        # longer has, which the store takes on trust; TokenLease checks `holds()` first. The contract's own
+        # bound is test_store.py's test_concurrent_leases_never_overshoot.)
 
-    asyncio.run(run())
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sequence=steps)
+def test_the_in_process_store_s_leases_are_the_contract_s_after_every_step(sequence):
+    asyncio.run(play(MemoryStore(), sequence))
+
+
+@pytest.mark.redis
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(sequence=steps)
+def test_redis_s_leases_are_the_contract_s_after_every_step(redis_url, sequence):
+    from quotas.store.redis import RedisStore
+
+    from .conftest import redis_settings
+
+    async def run():
+        store = RedisStore()
+        try:
+            await play(store, sequence)
+        finally:
+            await store.aclose()
+
+    with redis_settings(redis_url):
+        asyncio.run(run())
