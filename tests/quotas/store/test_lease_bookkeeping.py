@@ -90,7 +90,7 @@ def test_the_in_process_store_s_leases_are_the_contract_s_after_every_step(seque
 
 
 @pytest.mark.redis
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(sequence=steps)
 def test_redis_s_leases_are_the_contract_s_after_every_step(redis_url, sequence):
