@@ -88,11 +88,7 @@ return {0, n}
 """
 
 # Window hashes: field "used", and one field per lease holder, "h:<holder>" = "units:expires" (a token window's unit
-# is a token; a money window's, a nano: quotas/domain/money.py); "held", the holders' units summed, kept by every
-# script that changes a holder's units, and "next", a time no later than the soonest holder's expiry (renewals only
-# push expiries back). A lease walks the holders (to drop the expired ones and count again) only once "next" has
-# passed, or on a window without it: a walk on every lease cost O(holders) each, O(n^2) for one caller's n streams
-# (docs/performance.md, "Session 14").
+# is a token; a money window's, a nano: quotas/domain/money.py).
 # KEYS = windows; ARGV: holder, (unused), want (tokens), now, ttl, then per window: limit, expire_at, rate (units per
 # token of this lease), held (the holder's units in this window).
 LEASE = """
@@ -103,38 +99,28 @@ for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then table.insert(missing, key) end
 end
 if #missing > 0 then return {0, missing, {}} end
-local available, own = {}, {}
+local available = {}
 local granted = want
 for i, key in ipairs(KEYS) do
   local base = 2 + 4 * i
   local limit, rate, held = tonumber(ARGV[base]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  local used = tonumber(redis.call('HGET', key, 'used') or '0')
-  local total
-  if now >= tonumber(redis.call('HGET', key, 'next') or '0') then
-    -- A lease may have expired (or the window predates 'held'): walk the holders, drop the expired, count again.
-    local soonest = nil
-    total = 0
-    local all = redis.call('HGETALL', key)
-    for j = 1, #all, 2 do
-      local field, value = all[j], all[j + 1]
-      if string.sub(field, 1, 2) == 'h:' then
-        local sep = string.find(value, ':')
-        local units, expires = tonumber(string.sub(value, 1, sep - 1)), tonumber(string.sub(value, sep + 1))
-        if expires <= now then
-          redis.call('HDEL', key, field)
-        else
-          total = total + units
-          if soonest == nil or expires < soonest then soonest = expires end
-        end
+  local used, others = 0, 0
+  local all = redis.call('HGETALL', key)
+  for j = 1, #all, 2 do
+    local field, value = all[j], all[j + 1]
+    if field == 'used' then
+      used = tonumber(value)
+    elseif string.sub(field, 1, 2) == 'h:' then
+      local sep = string.find(value, ':')
+      local units, expires = tonumber(string.sub(value, 1, sep - 1)), tonumber(string.sub(value, sep + 1))
+      if expires <= now then
+        redis.call('HDEL', key, field)
+      elseif field ~= holder then
+        others = others + units
       end
     end
-    redis.call('HSET', key, 'held', string.format('%d', total), 'next', string.format('%.17g', soonest or 9e15))
-  else
-    total = tonumber(redis.call('HGET', key, 'held') or '0')
   end
-  local mine = redis.call('HGET', key, holder)
-  own[i] = mine and tonumber(string.sub(mine, 1, string.find(mine, ':') - 1)) or 0
-  available[i] = limit - used - (total - own[i]) - held
+  available[i] = limit - used - others - held
   local room = math.floor(available[i] / rate)
   if room < granted then granted = room end
 end
@@ -143,13 +129,8 @@ local remaining = {}
 for i, key in ipairs(KEYS) do
   local base = 2 + 4 * i
   local rate, held = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  local units, expires = held + granted * rate, (now + ttl) .. ''
   -- %d: concatenating a number formats it with 14 significant digits, and a money window's nanos may have more.
-  redis.call('HSET', key, holder, string.format('%d', units) .. ':' .. expires)
-  redis.call('HINCRBY', key, 'held', string.format('%d', units - own[i]))
-  if tonumber(expires) < tonumber(redis.call('HGET', key, 'next')) then  -- the expiry as stored, read back
-    redis.call('HSET', key, 'next', string.format('%.17g', tonumber(expires)))
-  end
+  redis.call('HSET', key, holder, string.format('%d', held + granted * rate) .. ':' .. (now + ttl))
   local expire_at = tonumber(ARGV[base + 1])
   if redis.call('PEXPIRETIME', key) < expire_at * 1000 then
     redis.call('PEXPIREAT', key, math.ceil(expire_at * 1000))
@@ -183,10 +164,7 @@ return held
 # KEYS = windows; ARGV: holder, then the units charged per window
 SETTLE = """
 for i, key in ipairs(KEYS) do
-  local value = redis.call('HGET', key, 'h:' .. ARGV[1])
-  if value then
-    redis.call('HDEL', key, 'h:' .. ARGV[1])
-    redis.call('HINCRBY', key, 'held', string.format('%d', -tonumber(string.sub(value, 1, string.find(value, ':') - 1))))
+  if redis.call('HDEL', key, 'h:' .. ARGV[1]) == 1 then
     redis.call('HINCRBY', key, 'used', ARGV[1 + i])
   end
 end
@@ -196,12 +174,10 @@ return 1
 # KEYS[1] = window; ARGV: used, expire_at, ttl, now, then holder/tokens pairs
 SEED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'used', ARGV[1], 'held', '0', 'next', string.format('%.17g', 9e15))
-local expires = (tonumber(ARGV[4]) + tonumber(ARGV[3])) .. ''
+redis.call('HSET', KEYS[1], 'used', ARGV[1])
+local expires = tonumber(ARGV[4]) + tonumber(ARGV[3])
 for i = 5, #ARGV, 2 do
   redis.call('HSET', KEYS[1], 'h:' .. ARGV[i], ARGV[i + 1] .. ':' .. expires)
-  redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', tonumber(ARGV[i + 1])))
-  redis.call('HSET', KEYS[1], 'next', string.format('%.17g', tonumber(expires)))
 end
 redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
 return 1
@@ -214,7 +190,7 @@ local all = redis.call('HGETALL', KEYS[1])
 for j = 1, #all, 2 do
   if all[j] == 'used' then
     used = tonumber(all[j + 1])
-  elseif string.sub(all[j], 1, 2) == 'h:' then
+  else
     local sep = string.find(all[j + 1], ':')
     if tonumber(string.sub(all[j + 1], sep + 1)) > now then
       leased = leased + tonumber(string.sub(all[j + 1], 1, sep - 1))

@@ -1,6 +1,7 @@
 """The counter stores' leases against the contract: the in-process store and a single Redis. The in-process store keeps a window's leased total as leases change, and
 walks its leases only once one may have expired (quotas/store/memory.py, `_others`); the Redis scripts still walk them
-on every lease (docs/performance.md, "Session 14"), and a change there must keep this test. Generated sequences of leases, renewals, settlements and time passing,
+on every lease (docs/performance.md, "Session 14": keeping the total in the window's hash needs a rollout in two steps),
+and a change there must keep this test. Generated sequences of leases, renewals, settlements and time passing,
 checked after every step against the contract computed the plain way, as the store did before: what a lease is
 granted is the window's limit less what it used, less every other unexpired lease, less what the holder already holds;
 an expired lease holds nothing, and is dropped at the next lease (until then, settling it still charges what its
@@ -107,3 +108,4 @@ def test_redis_s_leases_are_the_contract_s_after_every_step(redis_url, sequence)
 
     with redis_settings(redis_url):
         asyncio.run(run())
+

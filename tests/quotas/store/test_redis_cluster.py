@@ -356,9 +356,5 @@ def test_a_gateway_on_the_cluster_streams_and_counts_a_users_and_a_teams_tokens(
         [key] = cluster_client.keys(f"sluice:{{{tag}}}:d:*", target_nodes=RedisCluster.PRIMARIES)
         return cluster_client.hgetall(key)
 
-    def settled(fields):  # 58 used, no lease left, and the leases' kept total back to 0
-        return ({k: v for k, v in fields.items() if k == "used" or k.startswith("h:")} == {"used": "58"}
-                and fields.get("held") == "0")
-
-    # Settled in both slots.
-    eventually(lambda: settled(window(f"u{person.user.pk}")) and settled(window(f"t{team.pk}")))
+    # Settled in both slots: 58 used, no lease left.
+    eventually(lambda: window(f"u{person.user.pk}") == {"used": "58"} and window(f"t{team.pk}") == {"used": "58"})
