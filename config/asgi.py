@@ -105,4 +105,23 @@ async def _bad_target(scope, send):
 
 from streaming.gateway.live_panel import websocket_application  # noqa: E402
 
-application = ProtocolTypeRouter({"http": http_application, "websocket": websocket_application})
+
+
+async def lifespan_application(scope, receive, send):
+    """ASGI lifespan, which Uvicorn speaks (Daphne does not; Sluice's server does the same in its run()): once the
+    application is loaded and before the first request, the server process's collector policy
+    (streaming/server/collector.py)."""
+    from streaming.server import collector
+
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            collector.configure()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+application = ProtocolTypeRouter({"http": http_application, "websocket": websocket_application,
+                                  "lifespan": lifespan_application})

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from streaming.server import collector
 from streaming.server.fleet import PID_HEADER, PID_HEADER_VARIABLE
 from streaming.server.intake import BoundedHTTPFactory
 from streaming.server.shutdown import DrainingServer
@@ -150,6 +151,7 @@ class BackpressureServer(DrainingServer, Server):
     def run(self):
         loop = reactor.installed_loop()
         logger.info("Event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
+        collector.configure()  # the application is imported by now (daphne's command line does it first)
         super().run()
 
     def __init__(self, *args, **kwargs):
