@@ -7,7 +7,15 @@ payload is. The first-token wait (first_token.py), the permit's outcome (Guarded
 
 import json
 
+import orjson
+
 from quotas.domain.policy import chunk_tokens
+
+# A payload's JSON: orjson (~0.8 µs for a 240-byte chunk, the standard library ~3.3: one parse per paced token), and the
+# standard library's parser for what orjson refuses and the standard library accepts (NaN and Infinity, which
+# Python-based servers write in logprobs; lone surrogates; nesting past 1,024 levels): the same chunks are accepted as
+# before. One difference: orjson reads an integer past 64 bits as a float (a token count clamps it either way).
+_fast_loads = orjson.loads
 
 DONE_PAYLOAD = b"[DONE]"
 # Event kinds.
@@ -46,9 +54,17 @@ def classify(data: bytes) -> Event:
     if data == DONE_PAYLOAD:
         return Event(data, DONE)
     try:
-        chunk = json.loads(data)
+        chunk = _fast_loads(data)
     except ValueError:
-        return Event(data, INVALID)
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return Event(data, INVALID)
+    return classified(data, chunk)
+
+
+def classified(data: bytes, chunk) -> Event:
+    """The Event of a payload (not [DONE]) whose JSON is `chunk`."""
     if not isinstance(chunk, dict):
         return Event(data, INVALID)
     if "error" in chunk:

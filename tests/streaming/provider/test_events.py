@@ -1,7 +1,12 @@
 """streaming/provider/events.py: the one SSE parser and classifier, on the wire formats of several providers."""
 
-import pytest
+import json
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streaming.provider import events
 from streaming.provider.events import CHUNK, DONE, ERROR, INVALID, SSEParser, classify
 
 ROLE = b'{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}'
@@ -52,3 +57,71 @@ def test_the_parser_joins_events_split_across_reads_and_handles_crlf_and_multili
     assert parser.feed(b": keep-alive\r\n\r\nevent: x\r\ndata: {\"a\":\r\ndata: 3}\r\n\r\n") == [b'{"a":\n3}']
     assert classify(b'{"a":\n3}').kind == CHUNK
     assert parser.feed(b"data:[DONE]\n\n") == [b"[DONE]"]
+
+
+# classify parses with orjson and falls back to the standard library's parser for what orjson refuses. The reference
+# below is classify as it was, with the standard library's parser alone: the two must agree on every payload. (One difference
+# is left by design: an integer past 64 bits is a float to orjson; a token count that large is clamped anyway.)
+_INTS = st.integers(min_value=-2**63, max_value=2**64 - 1)
+_SCALARS = st.none() | st.booleans() | _INTS | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
+_JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.sampled_from(["content", "reasoning", "refusal", "tool_calls", "function", "name", "arguments", "delta",
+                     "finish_reason", "index", "usage", "prompt_tokens", "choices", "error", "x"]) | st.text(max_size=5),
+    inner, max_size=4), max_leaves=12)
+_CHUNKS = st.fixed_dictionaries({}, optional={
+    "choices": st.lists(st.fixed_dictionaries({}, optional={
+        "index": _INTS, "finish_reason": _SCALARS,
+        "delta": st.fixed_dictionaries({}, optional={"content": _SCALARS, "reasoning": _SCALARS,
+                                                     "tool_calls": _JSON, "function_call": _JSON})}) | _JSON,
+        max_size=3) | _JSON,
+    "usage": _JSON, "error": _JSON, "id": st.text(max_size=8)})
+
+
+def _reference(data):
+    """classify with the standard library's parser alone (what it was)."""
+    if data == events.DONE_PAYLOAD:
+        return events.Event(data, DONE)
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return events.Event(data, INVALID)
+    return events.classified(data, chunk)
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=_CHUNKS | _JSON)
+def test_classify_agrees_with_the_standard_library_on_every_payload(payload):
+    data = json.dumps(payload).encode()  # NaN and Infinity included, as Python's json (and vLLM's logprobs) write them
+    ours, reference = classify(data), _reference(data)
+    assert [getattr(ours, name) for name in events.Event.__slots__] == [
+        getattr(reference, name) for name in events.Event.__slots__] or _nan_equal(ours, reference)
+
+
+def _nan_equal(ours, reference):
+    # NaN != NaN: compare the usage dicts by their JSON text instead.
+    return all(getattr(ours, name) == getattr(reference, name) for name in events.Event.__slots__ if name != "usage") \
+        and json.dumps(ours.usage) == json.dumps(reference.usage)
+
+
+@pytest.mark.parametrize("data", [
+    b'{"choices": [{"index": 0, "delta": {"content": " hi"}, "logprobs": {"content": [{"logprob": -Infinity}]}}]}',
+    b'{"choices": [{"index": 0, "delta": {"content": " hi"}}], "x": NaN}',
+    b'{"choices": [{"index": 0, "delta": {"content": "\\ud800 hi"}}]}',  # a lone surrogate
+])
+def test_what_orjson_refuses_is_classified_as_before(data):
+    event = classify(data)
+    assert (event.kind, event.tokens) == (CHUNK, _reference(data).tokens) and event.tokens >= 1
+
+
+@pytest.mark.parametrize("depth", [1_100, 100_000])  # past orjson's 1,024 levels; past the standard library's too
+def test_a_payload_nested_past_orjsons_depth_is_classified_as_before(depth):
+    data = b'{"choices": ' + b"[" * depth + b"]" * depth + b"}"
+    assert _outcome(classify, data) == _outcome(_reference, data)
+
+
+def _outcome(fn, data):
+    try:
+        event = fn(data)
+    except RecursionError as exc:  # the relay reports it as a broken stream (EventStream.push)
+        return type(exc)
+    return event.kind, event.tokens
