@@ -123,6 +123,14 @@ class SSEParser:
         self._rest = b""  # an event's beginning, waiting for its end
 
     def feed(self, piece: bytes) -> list[bytes]:
+        if not self._rest and piece.find(b"\n") == len(piece) - 2 and piece.startswith(b"data:") and (
+                piece[-1] == 10 and piece[-3] != 13):
+            # The common piece, one provider write of one event: `data: {...}` and its blank line, no other line
+            # break and no CRLF. What the general path below makes of it, with less work per paced token.
+            return [piece[5:-2].strip()]
+        return self._split(piece)
+
+    def _split(self, piece: bytes) -> list[bytes]:
         data = self._rest + piece if self._rest else piece
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")

@@ -59,9 +59,37 @@ def test_the_parser_joins_events_split_across_reads_and_handles_crlf_and_multili
     assert parser.feed(b"data:[DONE]\n\n") == [b"[DONE]"]
 
 
+class _GeneralParser(SSEParser):
+    """The parser without its one-event fast path: what it was."""
+
+    def feed(self, piece):
+        return self._split(piece)
+
+
+_SSE_PIECES = st.lists(st.sampled_from([b"data:", b"data: ", b'{"a": 1}', b"x", b" ", b":", b"\n", b"\n\n", b"\r",
+                                        b"\r\n", b"\r\n\r\n", b"event: e", b"[DONE]"]), max_size=30)
+
+
+@settings(max_examples=500, deadline=None)
+@given(stream=_SSE_PIECES, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+def test_the_parser_gives_what_its_general_path_gives_however_the_bytes_are_cut(stream, cuts):
+    body = b"".join(stream)
+    bounds = sorted({min(cut, len(body)) for cut in cuts} | {0, len(body)})
+    pieces = [body[a:b] for a, b in zip(bounds, bounds[1:])]
+    ours, reference = SSEParser(), _GeneralParser()
+    assert [ours.feed(piece) for piece in pieces] == [reference.feed(piece) for piece in pieces]
+
+
+@pytest.mark.parametrize("piece", [b'data: {"a": 1}\n\n', b"data:[DONE]\n\n", b"data:\n\n", b'data: {"a": 1}\r\n\n',
+                                   b'data: {"a"\n: 1}\n\n', b"data: x\rdata: y\n\n", b": ping\n\n"])
+def test_a_one_event_piece_is_parsed_as_the_general_path_parses_it(piece):
+    assert SSEParser().feed(piece) == _GeneralParser().feed(piece)
+
+
 # classify parses with orjson and falls back to the standard library's parser for what orjson refuses. The reference
-# below is classify as it was, with the standard library's parser alone: the two must agree on every payload. (One difference
-# is left by design: an integer past 64 bits is a float to orjson; a token count that large is clamped anyway.)
+# below is classify as it was, with the standard library's parser alone: the two must agree on every payload. (One
+# difference is left by design: an integer past 64 bits is a float to orjson; a token count that large is clamped
+# anyway.)
 _INTS = st.integers(min_value=-2**63, max_value=2**64 - 1)
 _SCALARS = st.none() | st.booleans() | _INTS | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
 _JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
