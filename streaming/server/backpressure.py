@@ -362,21 +362,33 @@ class BodyWriter:
     (docs/backpressure.md, "Direct writes"). `write` never waits: while `open` is False the client is behind and the
     application waits on `wait()` before writing more, as `send()` would have made it wait."""
 
-    __slots__ = ("_server", "_protocol", "_gate")
+    __slots__ = ("_server", "_protocol", "_gate", "_connection", "_transport")
 
     def __init__(self, server, protocol, gate):
         self._server = server
         self._protocol = protocol
         self._gate = gate
+        # Daphne's record of the request (it sets "disconnected" in it) and the connection's TCP transport, found once
+        # here rather than for every chunk, as `write_body` finds them for any request.
+        self._connection = server.connections.get(protocol)
+        transport = getattr(getattr(protocol, "channel", None), "transport", None)
+        self._transport = transport if WRITE_THROUGH_UNREGISTERED and isinstance(transport, tcp.Connection) else None
 
     def write(self, chunk: bytes) -> bool:
         """Write a chunk of a response whose head is sent; False if the connection is gone (nothing written)."""
-        return self._server.write_body(self._protocol, chunk)
+        transport, protocol, server = self._transport, self._protocol, self._server
+        # `write_body`'s conditions for sending the chunk at once (an idle connection of a request still connected),
+        # with what was found at the start: the path of every paced token.
+        if (transport is not None and not transport._tempDataLen and len(transport.dataBuffer) <= transport.offset
+                and self._connection is not None and not self._connection.get("disconnected")
+                and protocol not in server._written_through and server._send_chunk(protocol, chunk, transport)):
+            return True
+        return server.write_body(protocol, chunk)
 
     @property
     def open(self) -> bool:
         """The client keeps up: more may be written without waiting."""
-        return self._gate.open
+        return self._gate._open
 
     async def wait(self):
         await self._gate.wait()
