@@ -3,7 +3,10 @@
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
-from quotas.domain import policy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quotas.domain import policy, tokens
 
 PLAN = SimpleNamespace(tokens_per_day=1000, tokens_per_month=20000, requests_per_minute=60, concurrent_streams=4,
                        max_tokens_per_request=512, allowed_models=["a"])
@@ -74,6 +77,23 @@ def test_a_streamed_delta_counts_its_tokens_and_at_least_one():
     assert policy.chunk_tokens(" the") == 1
     assert policy.chunk_tokens("") == 1
     assert policy.chunk_tokens(" three small words") == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=40))
+def test_a_deltas_count_is_the_tokenizers_the_first_time_and_every_time_after(text):
+    expected = max(1, tokens.count(text))
+    assert policy.chunk_tokens(text) == expected
+    assert policy.chunk_tokens(text) == expected  # from the kept counts, if it was short enough to keep
+
+
+def test_the_kept_counts_stay_bounded_and_right():
+    words = [f" w{i}" for i in range(policy._COUNTS_KEPT + 2_000)]
+    assert [policy.chunk_tokens(word) for word in words] == [max(1, tokens.count(word)) for word in words]
+    assert len(policy._counts) <= policy._COUNTS_KEPT
+    long = "x" * (policy._SHORT_DELTA + 1)
+    policy.chunk_tokens(long)
+    assert long not in policy._counts  # a long delta (or a prompt's text) is counted, not kept
 
 
 def test_max_tokens_is_clamped_to_plan_and_remaining():
