@@ -109,3 +109,42 @@ def test_redis_s_leases_are_the_contract_s_after_every_step(redis_url, sequence)
     with redis_settings(redis_url):
         asyncio.run(run())
 
+
+
+# Concurrency slots: the in-process store walks a key's slots only once one may have expired (`_slot_expiry`), as it
+# does a window's leases. Generated acquisitions (with limits), releases, renewals and time passing, against the plain
+# way: every slot walked on every acquisition.
+SLOT_LIMIT = 3
+slot_steps = st.lists(st.one_of(
+    st.tuples(st.just("acquire"), st.sampled_from(HOLDERS), st.integers(1, SLOT_LIMIT + 1)),
+    st.tuples(st.just("release"), st.sampled_from(HOLDERS), st.just(0)),
+    st.tuples(st.just("renew"), st.sampled_from(HOLDERS), st.just(0)),
+    st.tuples(st.just("wait"), st.just(""), st.integers(1, 40)),
+), max_size=60)
+
+
+async def play_slots(store, sequence):
+    key, now, slots = f"test:slots:{uuid.uuid4().hex}", 1000.0, {}  # slots: the reference's holder -> expiry
+    for action, holder, amount in sequence:
+        if action == "wait":
+            now += amount
+        elif action == "acquire":
+            slots = {h: expires for h, expires in slots.items() if expires > now}
+            allowed = holder in slots or len(slots) < amount
+            if allowed:
+                slots[holder] = now + TTL
+            result = await store.acquire_slot(key, holder, amount, TTL, now)
+            assert (result.acquired, result.active) == (allowed, len(slots))
+        elif action == "release":
+            slots.pop(holder, None)
+            await store.release_slot(key, holder)
+        else:
+            if holder in slots:  # as a lease's renewal: the store does not ask whether it expired
+                slots[holder] = now + TTL
+            await store.renew([], key, holder, now, TTL)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sequence=slot_steps)
+def test_the_in_process_store_s_slots_are_the_contract_s_after_every_step(sequence):
+    asyncio.run(play_slots(MemoryStore(), sequence))
