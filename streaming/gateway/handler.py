@@ -3,10 +3,12 @@
 import asyncio
 from contextlib import closing
 
+from asgiref.sync import sync_to_async
 from django.conf import UserSettingsHolder, settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.db import connections
 from django.urls import set_script_prefix
 
 
@@ -51,14 +53,22 @@ class APIHandler(ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
+        # The receivers run here only if this thread holds no database connection, as a server's event loop thread
+        # does not. One that does — `manage.py runserver`'s (its migration check), a test's calling the application
+        # — gets Django's way, the receivers on a worker thread: close_old_connections would otherwise close its
+        # connection from async code, which Django refuses (SynchronousOnlyOperation).
+        here = not connections.all(initialized_only=True)
         with closing(body_file):
             set_script_prefix(get_script_prefix(scope))
-            signals.request_started.send(sender=self.__class__, scope=scope)
+            if here:
+                signals.request_started.send(sender=self.__class__, scope=scope)
+            else:
+                await signals.request_started.asend(sender=self.__class__, scope=scope)
             request, error_response = self.create_request(scope, body_file)
             if request is None:
                 body_file.close()
                 await self.send_response(error_response, send)
-                error_response.close()
+                await self._finished(error_response, here)
                 return
             response = None
             # Django's TaskGroup, without its exceptions: the view and the response run in this task while another
@@ -90,10 +100,19 @@ class APIHandler(ASGIHandler):
                 listener.remove_done_callback(listened)
                 listener.cancel()
                 failure = listener = None
-            if response is None:
+            await self._finished(response, here)
+
+    async def _finished(self, response, here):
+        """request_finished: sent by `response.close()`, or by itself if there is no response (Django's order)."""
+        if response is None:
+            if here:
                 signals.request_finished.send(sender=self.__class__)
             else:
-                response.close()
+                await signals.request_finished.asend(sender=self.__class__)
+        elif here:
+            response.close()
+        else:
+            await sync_to_async(response.close)()
 
 
 # The source of the ASGIHandler.handle that APIHandler.handle mirrors: tests/streaming/gateway/test_handler.py fails
