@@ -264,6 +264,9 @@ SERVER_KEYED_PATH_PREFIXES = ("/v1/",)
 SERVER_BODY_TIMEOUT = env_float("SERVER_BODY_TIMEOUT", 30.0)
 
 # Streaming and backpressure (docs/backpressure.md).
+# Running streams before new requests: /v1/ requests wait at the door while the event loop lags more than this
+# (streaming/gateway/loop_gate.py); 0 turns it off.
+LOOP_GATE_MS = env_float("SLUICE_LOOP_GATE_MS", 25.0)
 STREAM_BUFFER_BYTES = env_int("STREAM_BUFFER_BYTES", 32 * 1024)
 STREAM_GLOBAL_BUFFER_BYTES = env_int("STREAM_GLOBAL_BUFFER_BYTES", 64 * 1024 * 1024)
 STREAM_STALL_TIMEOUT = env_float("STREAM_STALL_TIMEOUT", 30.0)

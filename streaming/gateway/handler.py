@@ -11,6 +11,8 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.db import connections
 from django.urls import set_script_prefix
 
+from streaming.gateway import loop_gate
+
 
 class APIHandler(ASGIHandler):
     """Serves /v1/ with settings.API_MIDDLEWARE instead of settings.MIDDLEWARE.
@@ -30,7 +32,14 @@ class APIHandler(ASGIHandler):
         finally:
             settings._wrapped = project_settings
 
+    def __init__(self):
+        super().__init__()
+        self.gate = loop_gate.from_settings()
+
     async def __call__(self, scope, receive, send):
+        # Running streams first: a request waits here while the event loop lags (loop_gate.py); the probes do not.
+        if scope["path"].startswith("/v1/") and (waiting := self.gate.enter()) is not None:
+            await waiting
         # Without Django's per-request ThreadSensitiveContext, which starts a thread for each request: the API
         # runs its queries on quotas/domain/db.py's threads.
         await self.handle(scope, receive, send)

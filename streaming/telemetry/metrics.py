@@ -39,3 +39,9 @@ def stream_finished(status, completion_tokens, figures, ttft_seconds=None, model
 LIVE_PANEL_CLIENTS = Gauge("sluice_live_panel_clients", "Admin live-panel WebSockets open in this process.")
 LIVE_PANEL_DROPPED = Counter("sluice_live_panel_dropped_total",
                              "Live-panel WebSockets closed because the browser stopped acknowledging snapshots.")
+
+# The loop gate (streaming/gateway/loop_gate.py): /v1/ requests held at the door while the event loop ran late.
+LOOP_GATE_WAITING = Gauge("sluice_loop_gate_waiting", "Requests waiting at the loop gate in this process now.")
+LOOP_GATE_WAITED = Counter("sluice_loop_gate_waited_total",
+                           "Requests that waited at the loop gate (the event loop ran late when they arrived).")
+LOOP_GATE_WAIT_SECONDS = Counter("sluice_loop_gate_wait_seconds_total", "Time requests spent waiting at the loop gate.")

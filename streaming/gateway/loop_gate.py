@@ -1,0 +1,119 @@
+"""Running streams before new requests: a request under /v1/ waits at the door while the event loop lags.
+
+One process's event loop carries every stream it relays. When requests arrive faster than the loop can admit them
+(each costs ~3 ms of CPU: the key, the quota, the ledger row, the provider's request), every admission in flight
+adds a step to each turn of the loop, the turns grow to 100–270 ms, and every running stream's next token waits
+that long (measured: docs/performance.md, "Session 16"). The gate keeps the turns short instead: a timer measures
+how late the loop runs it (its lag); while the lag is under the limit, a request goes straight through; once it is
+over, new requests queue here, FIFO, and are let in one per timer tick while the loop keeps up again — at least one
+every `min_interval` whatever the lag, so a loop that lags for another reason (a machine short of CPU) still admits.
+
+What waits here has not been admitted: no quota, no ledger row, no provider request. A request that waits has its
+client's own timeout; the time it waited shows in its time to first token. The gate is what Envoy's overload
+manager and Node's toobusy do for a single-threaded server, with a queue instead of a 503: vLLM's scheduler makes
+the same choice (running sequences first, new prompts after).
+
+SLUICE_LOOP_GATE_MS (settings.LOOP_GATE_MS) is the lag limit, 25 ms by default (half the 50 ms that issue 20 allows a
+token's added delay at the 99th percentile); 0 turns the gate off. /metrics shows sluice_loop_gate_waiting,
+sluice_loop_gate_waited_total and sluice_loop_gate_wait_seconds_total.
+"""
+
+import asyncio
+from collections import deque
+
+from streaming.telemetry import metrics
+
+DEFAULT_MAX_LAG_MS = 25.0
+TICK = 0.002  # the timer's period: a released request every 2 ms at most while the loop keeps up
+MIN_INTERVAL = 0.025  # at least one released this often, whatever the lag
+IDLE_TICKS = 500  # the timer stops after this many ticks (1 s) with nothing waiting and nothing arriving
+
+
+class LoopGate:
+    def __init__(self, max_lag_ms: float = DEFAULT_MAX_LAG_MS, tick: float = TICK,
+                 min_interval: float = MIN_INTERVAL):
+        self.max_lag = max_lag_ms / 1000.0
+        self.tick = tick
+        self.min_interval = min_interval
+        self._loop = None
+        self._waiters = deque()
+        self._open = True
+        self._due = None  # when the timer should run next (loop time); None: not running
+        self._last_release = 0.0
+        self._quiet = 0  # ticks since the last arrival with nobody waiting
+        # What a test or a benchmark reads: requests that waited, the longest wait, the lag seen by the timer.
+        self.waited = 0
+        self.longest_wait = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_lag > 0
+
+    @property
+    def open(self) -> bool:
+        """The timer's last run was on time (within the limit): a request arriving now goes straight through, unless
+        others wait already."""
+        return self._open
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def enter(self):
+        """None if the request may go on at once, else an awaitable that completes when it may."""
+        if not self.enabled:
+            return None
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new loop (a test's, a restarted server's): nothing carries over
+            self._loop, self._waiters, self._open, self._due = loop, deque(), True, None
+        self._quiet = 0
+        if self._due is None:
+            self._schedule(loop)
+        if self._open and not self._waiters:
+            return None
+        return self._wait(loop)
+
+    async def _wait(self, loop):
+        future = loop.create_future()
+        self._waiters.append(future)
+        queued = loop.time()
+        self.waited += 1
+        metrics.LOOP_GATE_WAITED.inc()
+        metrics.LOOP_GATE_WAITING.inc()
+        try:
+            await future
+        finally:
+            if not future.done():  # cancelled while waiting: it leaves the queue
+                future.cancel()
+            waited = loop.time() - queued
+            metrics.LOOP_GATE_WAITING.dec()
+            metrics.LOOP_GATE_WAIT_SECONDS.inc(waited)
+            self.longest_wait = max(self.longest_wait, waited)
+
+    def _schedule(self, loop):
+        self._due = loop.time() + self.tick
+        loop.call_at(self._due, self._on_tick)
+
+    def _on_tick(self):
+        loop = self._loop
+        now = loop.time()
+        self._open = now - self._due <= self.max_lag
+        waiters = self._waiters
+        while waiters and waiters[0].done():  # cancelled while waiting
+            waiters.popleft()
+        if waiters:
+            if self._open or now - self._last_release >= self.min_interval:
+                waiters.popleft().set_result(None)
+                self._last_release = now
+        elif self._open:
+            self._quiet += 1
+            if self._quiet >= IDLE_TICKS:
+                self._due = None  # the next request starts it again
+                return
+        self._schedule(loop)
+
+
+def from_settings() -> LoopGate:
+    from django.conf import settings
+
+    return LoopGate(getattr(settings, "LOOP_GATE_MS", DEFAULT_MAX_LAG_MS))
