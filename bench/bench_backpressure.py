@@ -20,6 +20,8 @@ import asyncio
 import os
 import time
 
+import uvloop
+
 from .common import (
     SERVER_LABELS, ProcessMonitor, SlowReader, bench_database, chat_body, fmt, gateway, gateway_env, log_exceptions,
     mb, percentile, raise_nofile, say, simulator, stream_chat, summarize_errors, table, verdict,
@@ -157,14 +159,24 @@ async def many_streams(port, api_key, count):
     return [t.result() for t in tasks if t in done]
 
 
+def load(streams):
+    """Run the load generator's streams on uvloop's loop: it shares the two cores with the gateway and the simulator,
+    and on asyncio's it took ~0.45 of a core for 1,000 streams at 20 tokens/s (~22 µs a token), CPU the gateway then
+    waited for (docs/performance.md, "Session 16"). The direct baseline runs on the same loop. BENCH_LOAD_LOOP=asyncio
+    runs it on asyncio's, as before (an A/B switch: `python -m bench.many_ab BENCH_LOAD_LOOP=asyncio -`)."""
+    if os.environ.get("BENCH_LOAD_LOOP", "").strip().lower() == "asyncio":
+        return asyncio.run(streams)
+    return asyncio.run(streams, loop_factory=uvloop.new_event_loop)
+
+
 def run_many_direct(count):
     """The same streams straight to the simulator, with the same client: the delays the load generator and the
     simulator add by themselves on the same cores, which the gateway's figure contains too."""
     say(f"backpressure bench: {count} streams × {MANY_TOKENS} tokens at {MANY_RATE:g} tokens/s, direct to the simulator")
     with simulator(tokens_per_second=MANY_RATE) as sim:
-        asyncio.run(many_streams(sim.port, None, 10))  # its first connections
+        load(many_streams(sim.port, None, 10))  # its first connections
         started = time.perf_counter()
-        results = asyncio.run(many_streams(sim.port, None, count))
+        results = load(many_streams(sim.port, None, count))
         wall = time.perf_counter() - started
     return {"count": count, "results": results, "idle": 0, "peak": 0, "cpu": 0, "wall": wall, "exceptions": []}
 
@@ -179,7 +191,7 @@ def run_many(db, count):
             cpu, others_cpu = monitor.cpu(), [m.cpu() for m in others]
             started = time.perf_counter()
             with monitor:
-                results = asyncio.run(many_streams(gw.port, db.api_key, count))
+                results = load(many_streams(gw.port, db.api_key, count))
             wall = time.perf_counter() - started
             cpu = monitor.cpu() - cpu
             others_cpu = [m.cpu() - before for m, before in zip(others, others_cpu)]

@@ -6,7 +6,7 @@ Each argument is one setting (NAME=VALUE, or `-` for the environment as it is); 
 bench's many-streams level (`bench_backpressure.run_many_fresh`: 200-token answers at 20 tokens/s, the requests
 sent over 2 s) once per setting, in turn, each on a fresh database, simulator and gateway. It prints every run's p99
 added inter-token delay (and the diagnostic split: after the last stream's first token, and before), TTFT p50/p99
-and the gateway's µs of CPU a token, then the means per setting. On this shared machine one run of the level moves
+the gateway's µs of CPU a token and the cores the three processes used, then the means per setting. On this shared machine one run of the level moves
 by ±50 % from the next (docs/performance.md), so a setting is judged only by alternating rounds.
 """
 
@@ -24,7 +24,11 @@ def run_with(setting, count):
         name, _, value = setting.partition("=")
         os.environ[name] = value  # the gateway's environment is this process's, with the bench's own on top
     try:
-        return bp.many_row(bp.run_many_fresh(count))
+        m = bp.run_many_fresh(count)
+        f = bp.many_row(m)
+        # The cores each process used during the level: the gateway, the load generator (this process), the simulator.
+        f["cores"] = tuple(m[k] / m["wall"] for k in ("cpu", "load_generator_cpu", "simulator_cpu"))
+        return f
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -48,10 +52,11 @@ def main():
                          fmt(percentile(f["added_after_admissions"], 99), ".1f"),
                          fmt(percentile(f["added_during_admissions"], 99), ".1f"),
                          fmt(percentile(f["ttfts"], 50), ".0f"), fmt(percentile(f["ttfts"], 99), ".0f"),
-                         fmt(f["cpu_us"], ".0f")))
+                         fmt(f["cpu_us"], ".0f"), " / ".join(f"{c:.2f}" for c in f["cores"])))
     print(f"\n## {args.streams} streams × {bp.MANY_TOKENS} tokens at {bp.MANY_RATE:g} tokens/s, alternating settings\n")
     print(table(["round", "setting", "errors", "p99 added delay ms", "after the last first token", "before",
-                 "TTFT p50 ms", "TTFT p99 ms", "gateway µs/token"], rows))
+                 "TTFT p50 ms", "TTFT p99 ms", "gateway µs/token",
+                 "cores: gateway / load generator / simulator"], rows))
     print()
     for setting, figures in runs.items():
         p99s = [percentile(f["added"], 99) for f in figures]
