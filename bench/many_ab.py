@@ -15,7 +15,7 @@ import os
 import statistics
 
 from . import bench_backpressure as bp
-from .common import fmt, percentile, raise_nofile, say, table
+from .common import describe_scheduling, fmt, percentile, raise_nofile, say, shorten_time_slice, table
 
 
 def run_with(setting, count):
@@ -41,6 +41,7 @@ def main():
     parser.add_argument("--streams", type=int, default=bp.MANY)
     args = parser.parse_args()
     raise_nofile()
+    shorten_time_slice()  # as `./dev bench` does for its load generator (bench/common.py says why)
     runs = {setting: [] for setting in args.settings}
     rows = []
     for number in range(args.rounds):
@@ -54,6 +55,7 @@ def main():
                          fmt(percentile(f["ttfts"], 50), ".0f"), fmt(percentile(f["ttfts"], 99), ".0f"),
                          fmt(f["cpu_us"], ".0f"), " / ".join(f"{c:.2f}" for c in f["cores"])))
     print(f"\n## {args.streams} streams × {bp.MANY_TOKENS} tokens at {bp.MANY_RATE:g} tokens/s, alternating settings\n")
+    print(describe_scheduling() + "\n")
     print(table(["round", "setting", "errors", "p99 added delay ms", "after the last first token", "before",
                  "TTFT p50 ms", "TTFT p99 ms", "gateway µs/token",
                  "cores: gateway / load generator / simulator"], rows))

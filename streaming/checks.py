@@ -53,6 +53,9 @@ def check_settings(app_configs=None, **kwargs):
     if not 0 < settings.UPSTREAM_AIMD_DECREASE_FACTOR < 1:
         errors.append(Error("UPSTREAM_AIMD_DECREASE_FACTOR must be between 0 and 1.",
                             hint="Unset it to use 0.5 (the limit halves on a 429).", id="sluice.E007"))
+    if settings.LOOP_GATE_MS < 0:
+        errors.append(Error("SLUICE_LOOP_GATE_MS must be 0 (the loop gate off) or a positive number of milliseconds.",
+                            hint="Unset it to use 25 (streaming/gateway/loop_gate.py).", id="sluice.E012"))
     if settings.UPSTREAM_CONCURRENCY_MAX and settings.UPSTREAM_CONCURRENCY_MIN > settings.UPSTREAM_CONCURRENCY_MAX:
         errors.append(Error("UPSTREAM_CONCURRENCY_MIN is above UPSTREAM_CONCURRENCY_MAX.",
                             hint="Lower UPSTREAM_CONCURRENCY_MIN or raise UPSTREAM_CONCURRENCY_MAX.", id="sluice.E008"))

@@ -39,6 +39,7 @@ def test_offline_commands_run_without_a_secret_key_and_the_deploy_check_names_it
     ({"UPSTREAM_AIMD_DECREASE_FACTOR": "1.5"}, "sluice.E007", "UPSTREAM_AIMD_DECREASE_FACTOR"),
     ({"UPSTREAM_CONCURRENCY_MIN": "9", "UPSTREAM_CONCURRENCY_MAX": "4"}, "sluice.E008", "UPSTREAM_CONCURRENCY_MIN"),
     ({"SLUICE_EVENT_LOOP": "tokio"}, "sluice.E009", "SLUICE_EVENT_LOOP"),
+    ({"SLUICE_LOOP_GATE_MS": "-5"}, "sluice.E012", "SLUICE_LOOP_GATE_MS"),
 ])
 def test_misconfigurations_fail_with_a_named_check(env, check_id, named):
     result = check(**env)
