@@ -4,9 +4,14 @@ One process's event loop carries every stream it relays. When requests arrive fa
 (each costs ~3 ms of CPU: the key, the quota, the ledger row, the provider's request), every admission in flight
 adds a step to each turn of the loop, the turns grow to 100–270 ms, and every running stream's next token waits
 that long (measured: docs/performance.md, "Session 16"). The gate keeps the turns short instead: a timer measures
-how late the loop runs it (its lag); while the lag is under the limit, a request goes straight through; once it is
-over, new requests queue here, FIFO, and are let in one per timer tick while the loop keeps up again — at least one
-every `min_interval` whatever the lag, so a loop that lags for another reason (a machine short of CPU) still admits.
+how late the loop runs it (its lag; every 10 ms, every 2 ms while requests wait, stopped after a second with no
+request); while the lag is under the limit, a request goes straight through; once it is over, new requests queue
+here, FIFO, and are let in one per timer tick while the loop keeps up again — at least one every `min_interval`
+whatever the lag, so a loop that lags for another reason (a machine short of CPU) still admits.
+
+The price of that floor: a loop that lags for long for a reason of its own (a host with no core to spare) admits
+one request every 25 ms, 40 a second, and the rest queue; sluice_loop_gate_waiting and the wait's total on /metrics
+show it, and 0 turns the gate off.
 
 What waits here has not been admitted: no quota, no ledger row, no provider request. A request that waits has its
 client's own timeout; the time it waited shows in its time to first token. The gate is what Envoy's overload
@@ -24,23 +29,25 @@ from collections import deque
 from streaming.telemetry import metrics
 
 DEFAULT_MAX_LAG_MS = 25.0
-TICK = 0.002  # the timer's period: a released request every 2 ms at most while the loop keeps up
+TICK = 0.002  # the timer's period while requests wait: one let in every 2 ms at most while the loop keeps up
+WATCH = 0.010  # its period while none waits: how late it runs is measured as well, for a fifth of the wake-ups
 MIN_INTERVAL = 0.025  # at least one released this often, whatever the lag
-IDLE_TICKS = 500  # the timer stops after this many ticks (1 s) with nothing waiting and nothing arriving
+IDLE_SECONDS = 1.0  # the timer stops after this long with nothing waiting and nothing arriving
 
 
 class LoopGate:
     def __init__(self, max_lag_ms: float = DEFAULT_MAX_LAG_MS, tick: float = TICK,
-                 min_interval: float = MIN_INTERVAL):
+                 min_interval: float = MIN_INTERVAL, watch: float = WATCH):
         self.max_lag = max_lag_ms / 1000.0
         self.tick = tick
+        self.watch = max(watch, tick)
         self.min_interval = min_interval
         self._loop = None
         self._waiters = deque()
         self._open = True
         self._due = None  # when the timer should run next (loop time); None: not running
         self._last_release = 0.0
-        self._quiet = 0  # ticks since the last arrival with nobody waiting
+        self._arrived = 0.0  # loop time of the last request
         # What a test or a benchmark reads: requests that waited, the longest wait, the lag seen by the timer.
         self.waited = 0
         self.longest_wait = 0.0
@@ -66,9 +73,9 @@ class LoopGate:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop (a test's, a restarted server's): nothing carries over
             self._loop, self._waiters, self._open, self._due = loop, deque(), True, None
-        self._quiet = 0
+        self._arrived = loop.time()
         if self._due is None:
-            self._schedule(loop)
+            self._schedule(loop, self.watch)
         if self._open and not self._waiters:
             return None
         return self._wait(loop)
@@ -90,8 +97,8 @@ class LoopGate:
             metrics.LOOP_GATE_WAIT_SECONDS.inc(waited)
             self.longest_wait = max(self.longest_wait, waited)
 
-    def _schedule(self, loop):
-        self._due = loop.time() + self.tick
+    def _schedule(self, loop, period):
+        self._due = loop.time() + period
         loop.call_at(self._due, self._on_tick)
 
     def _on_tick(self):
@@ -105,12 +112,10 @@ class LoopGate:
             if self._open or now - self._last_release >= self.min_interval:
                 waiters.popleft().set_result(None)
                 self._last_release = now
-        elif self._open:
-            self._quiet += 1
-            if self._quiet >= IDLE_TICKS:
-                self._due = None  # the next request starts it again
-                return
-        self._schedule(loop)
+        elif self._open and now - self._arrived >= IDLE_SECONDS:
+            self._due = None  # the next request starts it again
+            return
+        self._schedule(loop, self.tick if waiters else self.watch)
 
 
 def from_settings() -> LoopGate:

@@ -33,7 +33,7 @@ async def until(predicate, turns=1000):
 async def lagged(gate):
     """The gate has seen its timer run late (the loop was held past the limit)."""
     assert gate.enter() is None  # an idle loop: straight through (and the gate's timer runs from now on)
-    hold_the_loop(gate.tick + gate.max_lag * 5)  # past the timer's due time by five times the limit
+    hold_the_loop(gate.watch + gate.max_lag * 5)  # past the timer's due time by five times the limit
     await until(lambda: not gate.open)
 
 
