@@ -37,9 +37,10 @@ class APIHandler(ASGIHandler):
         self.gate = loop_gate.from_settings()
 
     async def __call__(self, scope, receive, send):
-        # Running streams first: a request waits here while the event loop lags (loop_gate.py); the probes do not.
-        if scope["path"].startswith("/v1/") and (waiting := self.gate.enter()) is not None:
-            await waiting
+        # Running streams first: a request waits here while the event loop lags (loop_gate.py), in its caller's
+        # queue; the probes do not.
+        if scope["path"].startswith("/v1/") and not self.gate.passes():
+            await self.gate.wait(_caller(scope))
         # Without Django's per-request ThreadSensitiveContext, which starts a thread for each request: the API
         # runs its queries on quotas/domain/db.py's threads.
         await self.handle(scope, receive, send)
@@ -122,6 +123,14 @@ class APIHandler(ASGIHandler):
             response.close()
         else:
             await sync_to_async(response.close)()
+
+
+def _caller(scope) -> bytes:
+    """Whose queue a waiting request joins at the loop gate: its credentials as sent (nothing is looked up)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return value
+    return b""
 
 
 # The source of the ASGIHandler.handle that APIHandler.handle mirrors: tests/streaming/gateway/test_handler.py fails

@@ -6,8 +6,9 @@ adds a step to each turn of the loop, the turns grow to 100–270 ms, and every 
 that long (measured: docs/performance.md, "Session 16"). The gate keeps the turns short instead: a timer measures
 how late the loop runs it (its lag; every 10 ms, every 2 ms while requests wait, stopped after a second with no
 request); while the lag is under the limit, a request goes straight through; once it is over, new requests queue
-here, FIFO, and are let in one per timer tick while the loop keeps up again — at least one every `min_interval`
-whatever the lag, so a loop that lags for another reason (a machine short of CPU) still admits.
+here, a queue per caller with the callers taking turns (LoopGate), and are let in one per timer tick while the loop
+keeps up again — at least one every `min_interval` whatever the lag, so a loop that lags for another reason (a
+machine short of CPU) still admits.
 
 The price of that floor: a loop that lags for long for a reason of its own (a host with no core to spare) admits
 one request every 25 ms, 40 a second, and the rest queue; sluice_loop_gate_waiting and the wait's total on /metrics
@@ -36,6 +37,10 @@ IDLE_SECONDS = 1.0  # the timer stops after this long with nothing waiting and n
 
 
 class LoopGate:
+    """The gate. Requests that wait are queued per caller (their Authorization header: nothing is looked up) and let
+    in round-robin across callers, first come first served within one: a caller who sends a thousand requests at once
+    waits behind their own, not in front of everybody else's."""
+
     def __init__(self, max_lag_ms: float = DEFAULT_MAX_LAG_MS, tick: float = TICK,
                  min_interval: float = MIN_INTERVAL, watch: float = WATCH):
         self.max_lag = max_lag_ms / 1000.0
@@ -43,12 +48,12 @@ class LoopGate:
         self.watch = max(watch, tick)
         self.min_interval = min_interval
         self._loop = None
-        self._waiters = deque()
+        self._queues = {}  # caller -> deque of futures; in the order the next turns go (round-robin)
         self._open = True
         self._due = None  # when the timer should run next (loop time); None: not running
         self._last_release = 0.0
         self._arrived = 0.0  # loop time of the last request
-        # What a test or a benchmark reads: requests that waited, the longest wait, the lag seen by the timer.
+        # What a test or a benchmark reads: requests that waited, the longest wait.
         self.waited = 0
         self.longest_wait = 0.0
 
@@ -64,25 +69,31 @@ class LoopGate:
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return sum(1 for queue in self._queues.values() for future in queue if not future.done())
 
-    def enter(self):
-        """None if the request may go on at once, else an awaitable that completes when it may."""
+    def passes(self) -> bool:
+        """Whether a request arriving now may go on at once; if not, it waits with `wait`."""
         if not self.enabled:
-            return None
+            return True
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop (a test's, a restarted server's): nothing carries over
-            self._loop, self._waiters, self._open, self._due = loop, deque(), True, None
+            self._loop, self._queues, self._open, self._due = loop, {}, True, None
         self._arrived = loop.time()
         if self._due is None:
             self._schedule(loop, self.watch)
-        if self._open and not self._waiters:
-            return None
-        return self._wait(loop)
+        return self._open and not self._queues
 
-    async def _wait(self, loop):
+    def enter(self, caller: bytes = b""):
+        """None if the request may go on at once, else an awaitable that completes when it may."""
+        return None if self.passes() else self.wait(caller)
+
+    async def wait(self, caller: bytes = b""):
+        loop = self._loop
         future = loop.create_future()
-        self._waiters.append(future)
+        queue = self._queues.get(caller)
+        if queue is None:
+            queue = self._queues[caller] = deque()
+        queue.append(future)
         queued = loop.time()
         self.waited += 1
         metrics.LOOP_GATE_WAITED.inc()
@@ -90,12 +101,30 @@ class LoopGate:
         try:
             await future
         finally:
-            if not future.done():  # cancelled while waiting: it leaves the queue
+            if not future.done():  # cancelled while waiting: its turn is skipped
                 future.cancel()
             waited = loop.time() - queued
             metrics.LOOP_GATE_WAITING.dec()
             metrics.LOOP_GATE_WAIT_SECONDS.inc(waited)
             self.longest_wait = max(self.longest_wait, waited)
+
+    def _release_one(self) -> bool:
+        """Let in the next caller's first request; that caller's queue goes to the back of the turns."""
+        queues = self._queues
+        while queues:
+            caller = next(iter(queues))
+            queue = queues.pop(caller)
+            while queue and queue[0].done():  # cancelled while waiting
+                queue.popleft()
+            if not queue:
+                continue
+            queue.popleft().set_result(None)
+            while queue and queue[0].done():
+                queue.popleft()
+            if queue:
+                queues[caller] = queue
+            return True
+        return False
 
     def _schedule(self, loop, period):
         self._due = loop.time() + period
@@ -105,17 +134,13 @@ class LoopGate:
         loop = self._loop
         now = loop.time()
         self._open = now - self._due <= self.max_lag
-        waiters = self._waiters
-        while waiters and waiters[0].done():  # cancelled while waiting
-            waiters.popleft()
-        if waiters:
-            if self._open or now - self._last_release >= self.min_interval:
-                waiters.popleft().set_result(None)
+        if self._queues:
+            if (self._open or now - self._last_release >= self.min_interval) and self._release_one():
                 self._last_release = now
         elif self._open and now - self._arrived >= IDLE_SECONDS:
             self._due = None  # the next request starts it again
             return
-        self._schedule(loop, self.tick if waiters else self.watch)
+        self._schedule(loop, self.tick if self._queues else self.watch)
 
 
 def from_settings() -> LoopGate:

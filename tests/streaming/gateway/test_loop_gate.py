@@ -62,7 +62,7 @@ def test_while_the_loop_lags_requests_wait_and_are_let_in_one_per_tick_in_order(
             released.append(i)
 
         tasks = [asyncio.create_task(request(i)) for i in range(3)]
-        await until(lambda: len(gate._waiters) == 3)
+        await until(lambda: gate.queued == 3)
         # The loop keeps up again: the next tick lets in the first, and only the first (one per tick).
         await until(lambda: released, turns=100_000)
         assert released == [0]
@@ -122,7 +122,7 @@ def test_a_request_cancelled_while_waiting_leaves_the_queue_without_taking_a_tur
             released.append(i)
 
         tasks = [asyncio.create_task(request(i)) for i in range(3)]
-        await until(lambda: len(gate._waiters) == 3)
+        await until(lambda: gate.queued == 3)
         tasks[1].cancel()  # its client went away while it waited
         await asyncio.gather(tasks[0], tasks[2])
         with pytest.raises(asyncio.CancelledError):
@@ -131,7 +131,30 @@ def test_a_request_cancelled_while_waiting_leaves_the_queue_without_taking_a_tur
 
     gate, released = asyncio.run(main())
     assert released == [0, 2]
-    assert not gate._waiters
+    assert gate.queued == 0
+
+
+def test_callers_take_turns_so_a_flood_from_one_waits_behind_its_own():
+    """Round-robin across callers, first come first served within one: five requests from one key, then one from
+    another — the other's goes second, not sixth."""
+    async def main():
+        gate = LoopGate(max_lag_ms=5, tick=0.005, min_interval=60.0)
+        await lagged(gate)
+        released = []
+
+        async def request(caller, i):
+            await gate.enter(caller)
+            released.append((caller, i))
+
+        tasks = [asyncio.create_task(request(b"Bearer greedy", i)) for i in range(5)]
+        await until(lambda: gate.queued == 5)
+        tasks.append(asyncio.create_task(request(b"Bearer other", 0)))
+        await until(lambda: gate.queued == 6)
+        await asyncio.gather(*tasks)
+        return released
+
+    released = asyncio.run(main())
+    assert released == [(b"Bearer greedy", 0), (b"Bearer other", 0)] + [(b"Bearer greedy", i) for i in range(1, 5)]
 
 
 def test_zero_turns_the_gate_off():
@@ -179,3 +202,10 @@ def test_the_gate_is_on_by_default_and_set_by_sluice_loop_gate_ms(settings):
     assert not from_settings().enabled
     settings.LOOP_GATE_MS = 35
     assert from_settings().max_lag == pytest.approx(0.035)
+
+
+def test_a_waiting_request_s_caller_is_its_credentials_as_sent():
+    from streaming.gateway.handler import _caller
+
+    assert _caller({"headers": [(b"host", b"x"), (b"authorization", b"Bearer sk-one")]}) == b"Bearer sk-one"
+    assert _caller({"headers": [(b"host", b"x")]}) == b""  # no key: the anonymous requests share one queue
