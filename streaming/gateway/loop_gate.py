@@ -35,7 +35,7 @@ DEFAULT_MAX_LAG_MS = 25.0
 # in each time the loop caught up, whose steps then landed on it together: p99 added delay at 1,000 streams 63.1 /
 # 60.1 / 48.7 ms against 34.7 / 33.6 / 35.0 with 5 ms (docs/performance.md, "Session 16").
 TICK = 0.005
-WATCH = 0.010  # its period while none waits: how late it runs is measured as well, for a fifth of the wake-ups
+WATCH = 0.010  # its period while none waits: how late the loop runs is measured as well, for half the wake-ups
 MIN_INTERVAL = 0.025  # at least one released this often, whatever the lag
 IDLE_SECONDS = 1.0  # the timer stops after this long with nothing waiting and nothing arriving
 
