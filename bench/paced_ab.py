@@ -1,6 +1,7 @@
 """Gateway CPU per paced token, this checkout against a git ref, in alternating runs.
 
     python -m bench.paced_ab [--against HEAD~1] [--rounds 3] [--tokens 200] [--streams 100] [--split]
+                             [--env-a NAME=VALUE] [--env-b NAME=VALUE]
 
 On a shared machine the same code measures ±10 % from one run to the next (docs/performance.md, "Run-to-run
 noise"), so a change to the per-token path is judged only by alternating runs: each round starts a gateway from
@@ -44,9 +45,10 @@ def alternate(label, rounds, trees, run):
     return runs
 
 
-def measure(db, sim, cwd, streams, tokens, me):
+def measure(db, sim, cwd, streams, tokens, me, env=None):
     concurrency, _, _, rate = bench_gateway.PACED_LEVEL
-    with start_server(SERVERS["serve"], env=gateway_env(db, sim.port), cwd=cwd, ready_timeout_seconds=60) as gw:
+    with start_server(SERVERS["serve"], env=gateway_env(db, sim.port, **(env or {})), cwd=cwd,
+                      ready_timeout_seconds=60) as gw:
         monitor = ProcessMonitor(gw.process.pid)
         sim.control(tokens_per_second=0)
         bench_gateway.run_level(gw.port, db.api_key, 1, 5)  # the catalogue's bootstrap, the first connections
@@ -57,6 +59,10 @@ def measure(db, sim, cwd, streams, tokens, me):
     if row["errors"]:
         raise RuntimeError(f"{row['errors']} errors: {row['error_kinds']}")
     return row["gw_cpu_us"]
+
+
+def _described(env):
+    return f" ({', '.join(f'{k}={v}' for k, v in env.items())})" if env else ""
 
 
 def split(short, long, short_tokens, long_tokens):
@@ -72,7 +78,12 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=bench_gateway.TOKENS, help="tokens per answer (default 200)")
     parser.add_argument("--streams", type=int, default=100, help="streams per run (default 100)")
     parser.add_argument("--split", action="store_true", help="also the cost per request and per token")
+    parser.add_argument("--env-a", action="append", default=[], metavar="NAME=VALUE",
+                        help="set in A's gateway environment (repeatable): with --against HEAD, a setting's A/B")
+    parser.add_argument("--env-b", action="append", default=[], metavar="NAME=VALUE",
+                        help="set in B's gateway environment (repeatable)")
     args = parser.parse_args(argv)
+    envs = {"A": dict(pair.split("=", 1) for pair in args.env_a), "B": dict(pair.split("=", 1) for pair in args.env_b)}
     raise_nofile()
     me = psutil.Process()
     runs = {"A": [], "B": []}
@@ -82,14 +93,14 @@ def main(argv=None):
         for number in range(args.rounds):
             for name, cwd in trees.items():
                 say(f"paced A/B: round {number + 1}, {name}")
-                runs[name].append(measure(db, sim, cwd, args.streams, args.tokens, me))
+                runs[name].append(measure(db, sim, cwd, args.streams, args.tokens, me, envs[name]))
                 if args.split:
-                    short = measure(db, sim, cwd, 200, 50, me)
-                    long = measure(db, sim, cwd, 50, 600, me)
+                    short = measure(db, sim, cwd, 200, 50, me, envs[name])
+                    long = measure(db, sim, cwd, 50, 600, me, envs[name])
                     splits[name].append(split(short, long, 50, 600))
         sim.control(tokens_per_second=0)
     print(f"\n## Gateway CPU per paced token (µs), {args.streams} streams × {args.tokens} tokens, alternating\n")
-    print(f"A = this checkout, B = {args.against}\n")
+    print(f"A = this checkout{_described(envs['A'])}, B = {args.against}{_described(envs['B'])}\n")
     for name in ("A", "B"):
         values = runs[name]
         print(f"- {name}: {' / '.join(f'{v:.1f}' for v in values)}; mean {sum(values) / len(values):.1f}")

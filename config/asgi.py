@@ -110,12 +110,18 @@ from streaming.gateway.live_panel import websocket_application  # noqa: E402
 async def lifespan_application(scope, receive, send):
     """ASGI lifespan, which Uvicorn speaks (Daphne does not; Sluice's server does the same in its run()): once the
     application is loaded and before the first request, the server process's collector policy
-    (streaming/server/collector.py)."""
-    from streaming.server import collector
+    (streaming/server/collector.py) and its CPUs (SLUICE_CPUS, streaming/server/affinity.py: a list it cannot run on
+    fails the start-up, and Uvicorn exits with the reason)."""
+    from streaming.server import affinity, collector
 
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            try:
+                affinity.configure()
+            except affinity.AffinityError as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
             collector.configure()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":

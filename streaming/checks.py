@@ -5,6 +5,8 @@ from urllib.parse import urlparse
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 
+from streaming.server import affinity
+
 # Sluice's own checks carry this tag too: servers run just these at start-up (config/asgi.py).
 SLUICE = "sluice"
 
@@ -56,6 +58,7 @@ def check_settings(app_configs=None, **kwargs):
     if settings.LOOP_GATE_MS < 0:
         errors.append(Error("SLUICE_LOOP_GATE_MS must be 0 (the loop gate off) or a positive number of milliseconds.",
                             hint="Unset it to use 25 (streaming/gateway/loop_gate.py).", id="sluice.E012"))
+    errors.extend(_check_cpus())
     if settings.UPSTREAM_CONCURRENCY_MAX and settings.UPSTREAM_CONCURRENCY_MIN > settings.UPSTREAM_CONCURRENCY_MAX:
         errors.append(Error("UPSTREAM_CONCURRENCY_MIN is above UPSTREAM_CONCURRENCY_MAX.",
                             hint="Lower UPSTREAM_CONCURRENCY_MIN or raise UPSTREAM_CONCURRENCY_MAX.", id="sluice.E008"))
@@ -99,3 +102,13 @@ def check_chat_fields(app_configs=None, **kwargs):
             f"UPSTREAM_TOKEN_LIMIT_FIELD is '{settings.UPSTREAM_TOKEN_LIMIT_FIELD}'.",
             hint="Use auto (the default), max_tokens or max_completion_tokens.", id="sluice.E011"))
     return errors
+
+
+def _check_cpus():
+    """SLUICE_CPUS (a server process's CPUs, streaming/server/affinity.py) names CPUs this process may run on."""
+    try:
+        affinity.wanted()
+    except affinity.AffinityError as exc:
+        return [Error(str(exc), hint="Unset SLUICE_CPUS (no pinning) or give a CPU list this host has, e.g. "
+                                     "SLUICE_CPUS=0 or SLUICE_CPUS=0-1.", id="sluice.E013")]
+    return []

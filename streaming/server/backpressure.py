@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from streaming.server import collector
+from streaming.server import affinity, collector
 from streaming.server.fleet import PID_HEADER, PID_HEADER_VARIABLE
 from streaming.server.intake import BoundedHTTPFactory
 from streaming.server.shutdown import DrainingServer
@@ -151,6 +151,10 @@ class BackpressureServer(DrainingServer, Server):
     def run(self):
         loop = reactor.installed_loop()
         logger.info("Event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
+        try:
+            affinity.configure()  # SLUICE_CPUS, before the server's threads start (they inherit it)
+        except affinity.AffinityError as exc:
+            raise SystemExit(f"streaming.server: {exc}") from None
         collector.configure()  # the application is imported by now (daphne's command line does it first)
         super().run()
 

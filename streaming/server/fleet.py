@@ -3,7 +3,8 @@
     python -m streaming.server.fleet --processes 2 -b 0.0.0.0 -p 8000 [daphne args…] config.asgi:application
 
 Each child is `python -m streaming.server` (Daphne with backpressure) with every argument given here except the
-fleet's own (`--processes`, `-b`, `-p`, `--backlog`, `--ready-timeout`, `--health-path`, `--pid-header`).
+fleet's own (`--processes`, `-b`, `-p`, `--backlog`, `--ready-timeout`, `--health-path`, `--pin`, `--pid-header`).
+With `--pin`, each slot's processes run on a CPU of their own (SLUICE_CPUS), the usable CPUs in turn.
 
 - SIGTERM or SIGINT: every child drains (streaming/server/shutdown.py) and the fleet exits once they all have; a
   second signal kills what is still draining.
@@ -63,6 +64,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from streaming.server import affinity
 from streaming.server.shutdown import HOOKS_GRACE_SECONDS, drain_seconds
 
 logger = logging.getLogger("streaming.server.fleet")
@@ -140,6 +142,8 @@ def parse_arguments(argv):
     parser.add_argument("--health-path", default=HEALTH_PATH,
                         help=f"a new process is ready when this path answers 200 (default {HEALTH_PATH}); "
                              "'' = as soon as it accepts connections")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin each process to a CPU of its own, in turn (SLUICE_CPUS; streaming/server/affinity.py)")
     parser.add_argument("--pid-header", action="store_true",
                         help=f"add `{PID_HEADER.decode()}: <pid>` to every response (which process answered)")
     options, passed_on = parser.parse_known_args(argv)
@@ -150,7 +154,18 @@ def parse_arguments(argv):
         parser.error("--processes must be at least 1")
     if ":" in options.bind:
         parser.error("-b must be an IPv4 address (Twisted's fd: endpoint adopts AF_INET sockets only)")
+    try:  # a list no child could run on: one error here, not children dying at start-up and restarted forever
+        affinity.wanted()
+    except affinity.AffinityError as exc:
+        parser.error(str(exc))
     return options, passed_on
+
+
+def cpu_of(slot_index: int) -> str:
+    """--pin: the CPU of a slot's processes (its replacements keep it): the CPUs SLUICE_CPUS names (else every CPU
+    the fleet may use), in turn."""
+    cpus = sorted(affinity.wanted() or affinity.allowed())
+    return str(cpus[slot_index % len(cpus)])
 
 
 def check_port_free(host, port):
@@ -319,6 +334,8 @@ class Fleet:
         env = dict(os.environ)
         if self.options.pid_header:
             env[PID_HEADER_VARIABLE] = "1"
+        if self.options.pin:
+            env[affinity.VARIABLE] = cpu_of(slot.index)
         # A session of its own: a terminal's Ctrl-C reaches the fleet only, which then stops every child once.
         process = await asyncio.create_subprocess_exec(
             *argv, pass_fds=(fd,), env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,

@@ -38,11 +38,11 @@ def provider():
 
 
 @contextmanager
-def fleet(provider, redis_url, **env):
-    """The fleet of two gateway processes, once both answer /healthz."""
+def fleet(provider, redis_url, *options, **env):
+    """The fleet of two gateway processes, once both answer /healthz; `options`: the fleet's own, added."""
     env = server_env(REDIS_URL=redis_url, OPENAI_BASE_URL=f"http://127.0.0.1:{provider.port}/v1",
                      OPENAI_API_KEY="sk-test-upstream", **env)
-    with start_server(FLEET, env=env, ready_timeout_seconds=60) as server:
+    with start_server([*FLEET[:3], *options, *FLEET[3:]], env=env, ready_timeout_seconds=60) as server:
         eventually(lambda: "fleet ready" in server.stderr_text(), timeout=120)
         yield server
 
@@ -142,6 +142,28 @@ def test_two_processes_answer_on_one_port_and_stop_together(provider, redis_url)
         assert "fleet: stopped" in server.stderr_text()
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two CPUs to pin two processes to")
+def test_pin_gives_each_process_a_cpu_of_its_own_and_a_replacement_keeps_its_slots(provider, redis_url):
+    """--pin (SLUICE_CPUS per slot, streaming/server/affinity.py): the two processes on two different CPUs, every
+    thread of each; after a rolling restart the replacements are pinned as their slots were."""
+    usable = sorted(os.sched_getaffinity(0))
+    with fleet(provider, redis_url, "--pin") as server:
+        def pinned():
+            return {pid: {frozenset(os.sched_getaffinity(int(task))) for task in os.listdir(f"/proc/{pid}/task")}
+                    for pid in children(server)}
+
+        def cpus_of(found):  # each process's threads on one CPU set, the two processes on different CPUs
+            return sorted(sorted(cpus) for each in found.values() for cpus in each)
+
+        first = pinned()
+        assert cpus_of(first) == [[usable[0]], [usable[1]]], first
+        server.process.send_signal(signal.SIGHUP)
+        eventually(lambda: "rolling restart done" in server.stderr_text(), timeout=180)
+        second = pinned()
+        assert set(second).isdisjoint(first), (first, second)
+        assert cpus_of(second) == [[usable[0]], [usable[1]]], second
 
 
 @pytest.mark.redis
