@@ -140,14 +140,34 @@ def run(profile=False):
             routing = measure_routing(gw, db, sim)
             stderr = gw.stderr_text()
             scheduling = describe_scheduling([gw.process.pid, sim.pid])
+        pinned = measure_pinned(db, sim, sim_monitor, me)
     concurrency, _, per_stream, rate = PACED_LEVEL
     say("gateway bench: the floor, a minimal relay at the paced level's pacing (bench.relay_floor)")
     floor = relay_floor.measure(connections=concurrency, rate=rate, events=per_stream)
-    report(rows, idle_cold, idle_warm, stderr, scheduling, floor)
+    report(rows, idle_cold, idle_warm, stderr, scheduling, floor, pinned)
     report_routing(*routing)
     for label, out in profiles:
         print_profile(out, f"py-spy profile of the gateway (GIL holder only), {label}")
     return rows
+
+
+def measure_pinned(db, sim, sim_monitor, me):
+    """(the CPU, the paced level's row) on a second gateway pinned to the last usable CPU (SLUICE_CPUS,
+    streaming/server/affinity.py): a diagnostic next to the paced target's row, which is the default (not pinned)."""
+    cpu = max(os.sched_getaffinity(0))
+    concurrency, total, per_stream, rate = PACED_LEVEL
+    say(f"gateway bench: {concurrency} concurrent, {total} streams of {per_stream} tokens at {rate} tokens/s, "
+        f"the gateway pinned to CPU {cpu}")
+    with gateway("serve", gateway_env(db, sim.port, SLUICE_CPUS=cpu)) as gw:
+        monitor = ProcessMonitor(gw.process.pid)
+        sim.control(tokens_per_second=0)
+        run_level(gw.port, db.api_key, 1, WARMUP)
+        sim.control(tokens_per_second=rate)
+        run_level(gw.port, db.api_key, concurrency, concurrency, per_stream)  # warm, as the default's levels before
+        with monitor:
+            row = measure(gw.port, db.api_key, concurrency, total, per_stream, rate, monitor, sim_monitor, me)
+        sim.control(tokens_per_second=0)
+    return cpu, row
 
 
 def measure_routing(gw, db, sim):
@@ -210,7 +230,7 @@ def profile_gateway(pid, name, load, seconds=8):
     return out
 
 
-def report(rows, idle_cold, idle_warm, stderr, scheduling="", floor=None):
+def report(rows, idle_cold, idle_warm, stderr, scheduling="", floor=None, pinned=None):
     print(f"\n## Gateway overhead: {TOKENS}-token streams at full speed, direct vs through the gateway\n")
     print(f"Gateway: `python -m streaming.server` (Daphne + backpressure), SQLite, in-process store; "
           f"idle RSS {mb(idle_cold):.1f} MB after start, {mb(idle_warm):.1f} MB after {WARMUP} warm-up requests. "
@@ -271,6 +291,11 @@ def report(rows, idle_cold, idle_warm, stderr, scheduling="", floor=None):
     print(f"- paced tokens ({paced['rate']} tokens/s, one per event) ≤ {TARGET_PACED_US_PER_TOKEN} µs each (issue 20): "
           f"{paced['gw_cpu_us']:.0f} µs → {verdict(paced['gw_cpu_us'] <= TARGET_PACED_US_PER_TOKEN)} "
           f"({paced_per_token * 1e6:.0f} µs a token at the margin, the per-request part aside)")
+    if pinned is not None:
+        cpu, row = pinned
+        errors = f", {row['errors']} errors" if row["errors"] else ""
+        print(f"  (diagnostic, not the target's measure: {row['gw_cpu_us']:.0f} µs with the gateway pinned to CPU {cpu} "
+              f"(SLUICE_CPUS={cpu}){errors}; docs/operations.md, \"Pinning a process to a CPU\")")
     print(f"- TTFT added ≤ {TARGET_TTFT_ADDED_MS} ms p50 at one stream: +{added:.2f} ms → "
           f"{verdict(added <= TARGET_TTFT_ADDED_MS)}")
     if one[0]["client_wait_ms"] is not None:
