@@ -306,6 +306,8 @@ def report(rows, idle_cold, idle_warm, stderr, scheduling="", floor=None, pinned
           f"answers, where no rest of a stream keeps both cores busy)")
     print(f"- idle RSS ≤ {TARGET_IDLE_RSS_MB} MB: {mb(idle_cold):.1f} MB after start, {mb(idle_warm):.1f} MB warm → "
           f"{verdict(max(idle_cold, idle_warm) / 1e6 <= TARGET_IDLE_RSS_MB)}")
+    print("  (the openai SDK's import and the o200k_base tokenizer are ~48 MB each of it: `python -m "
+          "bench.import_memory`; docs/performance.md, \"The idle RSS's floor\")")
     exceptions = log_exceptions(stderr, "gateway-stderr")
     if exceptions:
         print(f"\nExceptions in the gateway's log (bench/results/gateway-stderr.log): {exceptions}")
