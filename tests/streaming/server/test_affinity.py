@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bench.servers import PROJECT_ROOT
 from streaming.server import affinity
@@ -21,6 +23,13 @@ needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning is only vi
 ])
 def test_a_cpu_list_reads_as_taskset_reads_it(text, cpus):
     assert affinity.parse(text) == cpus
+
+
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 8)), min_size=1, max_size=8), st.booleans())
+def test_any_list_of_cpus_and_ranges_reads_back_as_its_cpus(parts, spaced):
+    text = (", " if spaced else ",").join(f"{low}-{low + extra}" if extra else str(low) for low, extra in parts)
+    assert affinity.parse(text) == {cpu for low, extra in parts for cpu in range(low, low + extra + 1)}
+    assert affinity.parse(affinity.format_list(affinity.parse(text))) == affinity.parse(text)
 
 
 @pytest.mark.parametrize("text", ["", "a", "1-", "-1", "3-1", "1,,2", "1.5", "0x1"])
