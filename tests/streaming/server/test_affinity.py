@@ -86,3 +86,11 @@ def test_the_system_check_names_a_bad_cpu_list():
                           env={**server_env(), "SLUICE_CPUS": "0-"}, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "sluice.E013" in done.stderr and "SLUICE_CPUS" in done.stderr and "HINT" in done.stderr
+
+
+def test_a_fleet_refuses_a_cpu_list_no_process_could_run_on_before_starting_any():
+    done = subprocess.run([sys.executable, "-m", "streaming.server.fleet", "--processes", "1", "-b", "127.0.0.1",
+                           "-p", "0", "config.asgi:application"], cwd=PROJECT_ROOT,
+                          env={**server_env(), "SLUICE_CPUS": "0-"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]  # argparse's usage error: no child was started
+    assert "SLUICE_CPUS" in done.stderr and "started pid" not in done.stderr
