@@ -80,8 +80,9 @@ def _report(signum, frame):
         _armed.append(True)
         probe = _CycleProbe()  # a cycle made on purpose once armed: what the instrument must find
         probe.itself = probe
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:  # whole or absent: the test reads it meanwhile (an empty file once)
             json.dump({"armed": True}, f)
+        os.replace(path + ".tmp", path)
         return
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
