@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import psutil
 
 from .common import (
-    APP, HOST, PROJECT_ROOT, PY, chat_body, closed_loop, describe_scheduling, fmt, gateway_env, log_exceptions,
+    APP, HOST, PROJECT_ROOT, PY, chat_body, closed_loop, describe_scheduling, fmt, gateway_env, log_exceptions, mb,
     percentile, private_redis, raise_nofile, say, secret_key, shorten_time_slice, simulator, stream_chat,
     summarize_errors, table, verdict,
 )
@@ -208,14 +208,26 @@ def run_size(size, env, sim, url, users):
                                                                               users[0][1])))
         if not all(r.ok for r in warm):
             raise RuntimeError(f"warm-up failed: {summarize_errors(warm)}\n{server.stderr_text()[-3000:]}")
+        idle = memory(server, children)
         rows = []
         for level in LEVELS:
             say(f"fleet bench: {size} process(es), {level[0]}: {level[1]} concurrent, {level[2]} × {level[3]} tokens")
             rows.append(measure(server, children, sim, users[0][1], level))
+        loaded = memory(server, children)
         say(f"fleet bench: {size} process(es), one global limit")
         limit = check_limit(server, sim, url, users[SIZES.index(size) + 1])
         scheduling = describe_scheduling([child.pid for child in children])
-    return rows, limit, scheduling
+    return rows, limit, scheduling, (idle, loaded)
+
+
+def memory(server, children):
+    """(parent, [child, ...]) as (RSS, USS, PSS) in bytes: RSS counts the pages a process shares with the others
+    (the libraries' code, mapped from the same files) in full; USS is what only it holds; PSS shares each shared page
+    among the processes that map it, so the fleet's PSS summed is what the host pays for it."""
+    def figures(process):
+        info = process.memory_full_info()
+        return info.rss, info.uss, info.pss
+    return figures(psutil.Process(server.process.pid)), [figures(child) for child in children]
 
 
 def run():
@@ -237,7 +249,7 @@ def report(results):
           "SO_REUSEPORT socket each); PostgreSQL and a private Redis shared by the processes; the simulator in its "
           f"own process. {next(iter(results.values()))[2]}\n")
     lines = []
-    for size, (rows, _, _) in results.items():
+    for size, (rows, *_) in results.items():
         for r in rows:
             lines.append((size, r["label"], f"{r['concurrency']} × ({r['streams']} × {r['tokens']}"
                           + (f" @ {r['rate']}/s)" if r["rate"] else ")"), r["errors"], f"{r['requests_per_s']:.1f}",
@@ -248,11 +260,25 @@ def report(results):
     print(table(["processes", "load", "concurrent × (streams × tokens)", "errors", "requests/s", "tokens/s",
                  "TTFT p50 ms", "TTFT p99 ms", "gateway CPU µs/token (Σ processes)", "CPU % by process",
                  "streams by process", "simulator CPU µs/token"], lines))
-    errors = [f"{size} × {r['label']}: {r['error_kinds']}" for size, (rows, _, _) in results.items() for r in rows
+    errors = [f"{size} × {r['label']}: {r['error_kinds']}" for size, (rows, *_) in results.items() for r in rows
               if r["errors"]]
     if errors:
         print("\nErrors: " + " | ".join(errors))
+    report_memory(results)
     report_limit(results)
+
+
+def report_memory(results):
+    print("\n## The fleet's memory: each process's RSS, USS (its own pages) and PSS (shared pages divided among the "
+          "processes that map them), MB\n")
+    lines = []
+    for size, (*_, (idle, loaded)) in results.items():
+        for when, (parent, children) in (("idle, warm", idle), ("after the load", loaded)):
+            by_process = [" / ".join(f"{mb(f[index]):.1f}" for f in children) for index in range(3)]
+            lines.append((size, when, *by_process, f"{mb(parent[0]):.1f} / {mb(parent[2]):.1f}",
+                          f"{mb(parent[2] + sum(f[2] for f in children)):.1f}"))
+    print(table(["processes", "when", "RSS by process", "USS by process", "PSS by process", "supervisor RSS / PSS",
+                 "the fleet's PSS (Σ)"], lines))
 
 
 def report_limit(results):
@@ -260,7 +286,7 @@ def report_limit(results):
           f"{LIMIT_TOKENS_PER_SECOND} tokens/s, a plan of {LIMIT_TOKENS:,} tokens a day and {LIMIT_STREAMS} "
           "concurrent streams\n")
     lines, checks = [], []
-    for size, (_, limit, _) in results.items():
+    for size, (_, limit, *_) in results.items():
         served = " / ".join(str(n) for _, n in sorted(limit["by_server"].items()))
         refusals = ", ".join(f"{n} {code}" for code, n in limit["refusals"].most_common())
         lines.append((size, f"{limit['charged']:,}", f"{limit['delivered']:,}", limit["admitted"], served, refusals))
