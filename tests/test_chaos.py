@@ -68,3 +68,52 @@ def test_the_books_hold_through_chaos():
     assert done.returncode == 0, (f"the chaos soak failed (exit {done.returncode}):\n{found}\n"
                                   f"stderr (last lines):\n{done.stderr[-3000:]}")
     assert "Chaos soak: PASSED" in report
+
+
+# Check (a)'s accounting of the rows no client saw answered (bench_chaos.unanswered_rows_accounted), on the cases
+# a soak meets. The first is a CI run's (2026-12-06 23:01 UTC): gw-B, SIGKILLed at 39.0 s, had written a `rejected`
+# row for a request whose 429 it never sent; the check allowed only `worker_lost` rows for the killed gateway and
+# failed the soak, though the books held.
+
+def _row(status, ended_at):
+    import datetime
+
+    return {"status": status, "ended_at": None if ended_at is None else
+            datetime.datetime.fromtimestamp(ended_at, tz=datetime.UTC), "request_id": f"req_{status}_{ended_at}"}
+
+
+KILL = 1_000_039.0  # the SIGKILL, epoch seconds
+
+
+def test_a_row_the_killed_gateway_settled_before_dying_is_its_own():
+    from bench.bench_chaos import unanswered_rows_accounted
+
+    rows = [_row("worker_lost", KILL + 5.0), _row("rejected", KILL - 0.2)]
+    assert unanswered_rows_accounted(rows, headless_on_killed=2, headless_given_up=0, last_kill_wall=KILL) == (True, 2)
+
+
+def test_a_row_settled_after_the_kill_with_no_answer_is_a_live_gateway_s_fault():
+    from bench.bench_chaos import unanswered_rows_accounted
+
+    rows = [_row("worker_lost", KILL + 5.0), _row("rejected", KILL + 3.0)]
+    assert unanswered_rows_accounted(rows, headless_on_killed=2, headless_given_up=0, last_kill_wall=KILL)[0] is False
+    # ... unless a client gave up on a live gateway.
+    assert unanswered_rows_accounted(rows, headless_on_killed=2, headless_given_up=1, last_kill_wall=KILL)[0] is True
+
+
+def test_each_unanswered_row_of_the_killed_gateway_takes_one_headless_request():
+    from bench.bench_chaos import unanswered_rows_accounted
+
+    rows = [_row("worker_lost", KILL + 5.0), _row("completed", KILL - 1.0), _row("rejected", KILL - 0.5)]
+    assert unanswered_rows_accounted(rows, headless_on_killed=2, headless_given_up=0, last_kill_wall=KILL) == (False, 2)
+    assert unanswered_rows_accounted(rows, headless_on_killed=3, headless_given_up=0, last_kill_wall=KILL) == (True, 3)
+    lost = [_row("worker_lost", KILL + 5.0)] * 3
+    assert unanswered_rows_accounted(lost, headless_on_killed=2, headless_given_up=5, last_kill_wall=KILL)[0] is False
+
+
+def test_without_a_killed_gateway_only_given_up_clients_leave_unanswered_rows():
+    from bench.bench_chaos import unanswered_rows_accounted
+
+    rows = [_row("rejected", KILL), _row("completed", None)]
+    assert unanswered_rows_accounted(rows, headless_on_killed=0, headless_given_up=1, last_kill_wall=None)[0] is False
+    assert unanswered_rows_accounted(rows, headless_on_killed=0, headless_given_up=2, last_kill_wall=None) == (True, 0)
