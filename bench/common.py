@@ -215,7 +215,11 @@ class Simulator:
         self.server = server
         self.port = server.port
         self.pid = server.process.pid
-        self.http = httpx2.Client(base_url=server.base_url, timeout=30, trust_env=False)
+        # A connection per call: a kept-alive one idle past Uvicorn's keep-alive timeout (5 s) may be closed by the
+        # simulator just as the next call is sent on it, and that call fails with a connection reset (the backpressure
+        # bench's /stats after a 30 s phase did, 2026-12-06 23:23 UTC). These calls are few; a connect is cheap.
+        self.http = httpx2.Client(base_url=server.base_url, timeout=30, trust_env=False,
+                                  limits=httpx2.Limits(max_keepalive_connections=0))
 
     def control(self, **switches):
         response = self.http.post("/control", json=switches)
