@@ -15,7 +15,7 @@ import time
 import psutil
 
 from . import bench_backpressure, bench_chaos, bench_fairness, bench_gateway, bench_quotas, bench_resilience, fleet
-from .common import RESULTS_DIR, describe_scheduling, raise_nofile, shorten_time_slice
+from .common import RESULTS_DIR, describe_interpreter, describe_scheduling, raise_nofile, shorten_time_slice
 
 SCENARIOS = {"gateway": bench_gateway, "backpressure": bench_backpressure, "quotas": bench_quotas,
              "resilience": bench_resilience, "chaos": bench_chaos, "fairness": bench_fairness, "fleet": fleet}
@@ -56,7 +56,8 @@ def main(argv=None):
     shorten_time_slice()
 
     print(f"# Sluice benchmarks, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"Python {platform.python_version()} on {platform.system()} {platform.release()}, "
+    print(f"Python {platform.python_version()} ({describe_interpreter()}) on {platform.system()} "
+          f"{platform.release()}, "
           f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
           f"RLIMIT_NOFILE {soft}/{hard} (inherited by the servers started here).")
     print(describe_scheduling())

@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -127,6 +128,19 @@ def run_queue_wait():
             return int(stats.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return None
+
+
+def describe_interpreter():
+    """How this CPython was compiled, as sysconfig records it: profile-guided optimisation (-fprofile-use) and
+    link-time optimisation (-flto), libpython shared or linked in. A paced token costs ~9 % more CPU on a build
+    without PGO and LTO (docs/performance.md, "Session 18"). Some distributions do not record their build's PGO or
+    LTO there, so the absence is reported as "not recorded", not as absent."""
+    flags = " ".join(sysconfig.get_config_var(name) or "" for name in ("PY_CFLAGS_NODIST", "CONFIG_ARGS"))
+    found = [name for name, marks in (("PGO", ("-fprofile-use", "--enable-optimizations")),
+                                      ("LTO", ("-flto", "--with-lto"))) if any(mark in flags for mark in marks)]
+    optimised = f"built with {' and '.join(found)}" if found else "no PGO or LTO recorded"
+    shared = "libpython shared" if sysconfig.get_config_var("Py_ENABLE_SHARED") else "libpython linked in"
+    return f"{optimised}, {shared}"
 
 
 def describe_scheduling(servers=()):
